@@ -1,0 +1,218 @@
+"""Model configuration: frozen dataclasses and the named presets.
+
+A `ModelConfig` is passed whole to the modules that need it (nanoGPT style). It serializes to
+the JSON stored in the manifest and read by `wan-export --config`.
+
+Presets:
+    tiny       tests: a few seconds per export, 9 frames at 64x64
+    small      the README demo: 17 frames at 128x128, 20 steps
+    wan2.2-5b  shapes of Wan2.2 TI2V-5B for analytic FLOP/memory projections only;
+               building its modules is refused (it would need ~20 GB of fp32 weights)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runtime.errors import WanError
+from runtime.stages import Geometry, SymbolRange
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Causal 3D VAE in the style of Wan 2.1 (stride 4x8x8 with the defaults)."""
+
+    base_dim: int = 16
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)  # one level per entry; all but the last downsample
+    num_res_blocks: int = 1  # per encoder level; the decoder has one more, like Wan
+    temporal_downsample: tuple[bool, ...] = (False, True, True)  # which downsamples halve time
+    eps: float = 1e-6
+
+    @property
+    def spatial_stride(self) -> int:
+        return 2 ** (len(self.dim_mult) - 1)
+
+    @property
+    def temporal_stride(self) -> int:
+        return 2 ** sum(self.temporal_downsample)
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Diffusion transformer (Wan naming). `attention`: "factorized" (the seed) or "full"."""
+
+    dim: int = 256
+    ffn_dim: int = 1024
+    num_heads: int = 4
+    num_layers: int = 4
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    freq_dim: int = 256  # sinusoidal timestep features
+    attention: str = "factorized"
+    rope_theta: float = 10000.0
+    eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Sampling defaults stored in the manifest; every one can be overridden by wan-run."""
+
+    steps: int = 20
+    shift: float = 5.0
+    guidance: float = 5.0
+    solver: str = "dpm++2m"
+    fps: int = 16
+
+
+@dataclass(frozen=True)
+class VideoConfig:
+    """Default output size, and the largest size the exported graphs are declared for."""
+
+    frames: int = 17
+    height: int = 128
+    width: int = 128
+    max_frames: int = 129
+    max_height: int = 1024
+    max_width: int = 1024
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "small"
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    seed: int = 0  # seeded initialization when no checkpoint is given
+    shape_only: bool = False  # analytic configs: never instantiate
+
+    @property
+    def geometry(self) -> Geometry:
+        return Geometry(self.vae.z_dim, self.vae.temporal_stride, self.vae.spatial_stride,
+                        self.dit.patch_size[1:])
+
+    def symbol_ranges(self) -> dict[str, SymbolRange]:
+        """Dynamic ranges the graphs are exported for (the `opt` value is the default video)."""
+        g, v = self.geometry, self.video
+        ph, pw = g.pixels_per_token
+        return {
+            "B": SymbolRange(1, 2, 8),
+            "F": SymbolRange(1, g.frames_to_latent(v.frames), g.frames_to_latent(v.max_frames)),
+            "Hp": SymbolRange(1, v.height // ph, v.max_height // ph),
+            "Wp": SymbolRange(1, v.width // pw, v.max_width // pw),
+        }
+
+    def validate(self) -> "ModelConfig":
+        """Raise WanError for a config the model or the graphs cannot support."""
+        v, d, g = self.vae, self.dit, self.geometry
+        checks = [
+            (len(v.temporal_downsample) == len(v.dim_mult) - 1,
+             f"vae.temporal_downsample needs {len(v.dim_mult) - 1} entries (one per downsample)"),
+            (d.dim % d.num_heads == 0, f"dit.dim {d.dim} is not divisible by num_heads {d.num_heads}"),
+            (d.head_dim % 2 == 0 and d.head_dim >= 6,
+             f"dit head dim {d.head_dim} must be even and >= 6 (3D RoPE splits it)"),
+            (d.patch_size[0] == 1, f"dit.patch_size {d.patch_size}: the temporal patch must be 1"),
+            (d.attention in ("factorized", "full"),
+             f"dit.attention {d.attention!r} must be 'factorized' or 'full'"),
+            (self.sampler.solver in ("euler", "dpm++2m"),
+             f"sampler.solver {self.sampler.solver!r} must be 'euler' or 'dpm++2m'"),
+        ]
+        ph, pw = g.pixels_per_token
+        vid = self.video
+        for name, size, mult in (("height", vid.height, ph), ("width", vid.width, pw),
+                                 ("max_height", vid.max_height, ph), ("max_width", vid.max_width, pw)):
+            checks.append((size % mult == 0 and size > 0,
+                           f"video.{name} {size} must be a positive multiple of {mult}"))
+        for name, frames in (("frames", vid.frames), ("max_frames", vid.max_frames)):
+            checks.append((g.frames_to_latent(frames) is not None,
+                           f"video.{name} {frames} must be {g.temporal_stride}n+1"))
+        for ok, message in checks:
+            if not ok:
+                raise WanError(f"config {self.name!r}: {message}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        return _from_dict(cls, data, "config").validate()
+
+
+def _from_dict(cls, data: dict[str, Any], where: str):
+    """Build a (nested) frozen dataclass; unknown keys are errors, missing keys take defaults."""
+    if not isinstance(data, dict):
+        raise WanError(f"{where} must be a JSON object, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise WanError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
+    kwargs = {}
+    for key, value in data.items():
+        default = getattr(cls(), key) if key in fields else None
+        if dataclasses.is_dataclass(default):
+            kwargs[key] = _from_dict(type(default), value, f"{where}.{key}")
+        elif isinstance(default, tuple):
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(
+        name="tiny",
+        vae=VAEConfig(base_dim=8, z_dim=4, dim_mult=(1, 2, 2, 2)),
+        dit=DiTConfig(dim=48, ffn_dim=96, num_heads=2, num_layers=2, freq_dim=32),
+        sampler=SamplerConfig(steps=4),
+        video=VideoConfig(frames=9, height=64, width=64, max_frames=65, max_height=512, max_width=512),
+    ),
+    "small": ModelConfig(name="small"),
+    # Wan2.2 TI2V-5B: dim 3072, 24 heads, 30 layers, ffn 14336; its VAE is 4x16x16 with z=48.
+    "wan2.2-5b": ModelConfig(
+        name="wan2.2-5b",
+        vae=VAEConfig(base_dim=160, z_dim=48, dim_mult=(1, 2, 4, 4, 4),
+                      temporal_downsample=(False, True, True, False)),
+        dit=DiTConfig(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, attention="full"),
+        sampler=SamplerConfig(steps=50, guidance=5.0, fps=24),
+        video=VideoConfig(frames=121, height=704, width=1280, max_frames=121, max_height=1280,
+                          max_width=1280),
+        shape_only=True,
+    ),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise WanError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """Read a config JSON: either a full config or {"preset": name, ...overrides}."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise WanError(f"config file '{path}' does not exist")
+    except (OSError, json.JSONDecodeError) as exc:
+        raise WanError(f"config file '{path}' is not valid JSON: {exc}")
+    if isinstance(data, dict) and "preset" in data:
+        base = get_preset(data.pop("preset")).to_dict()
+        data = _merge(base, data)
+    return ModelConfig.from_dict(data)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out

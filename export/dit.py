@@ -1,0 +1,216 @@
+"""The diffusion transformer: one denoising step, latent + timestep + reference -> velocity.
+
+Follows the seed note with Wan/diffusers parameter names (so released checkpoints can be mapped
+by a rename table). A block reads like the paper:
+
+    x = x + gate_msa * spatial_attn(modulate(norm1(x)))    (B*T, H*W, D): one frame at a time
+    x = x + cross_attn(norm2(x), reference tokens)        Q = video, K/V = reference image
+    x = x + gate_t * temporal_attn(modulate(norm_t(x)))    (B*H*W, T, D): bidirectional
+    x = x + c_gate * ffn(modulate(norm3(x)))
+
+With `attention="full"` attn1 is joint 3D attention over all T*H*W tokens (as released Wan
+checkpoints) and there is no temporal sub-block. Modulation follows Wan: one shared projection
+of the timestep embedding (6 rows per block, 9 when factorized) plus a learned per-block table.
+
+Reference conditioning: the normalized reference latent (the VAE encoding of the image as a
+1-frame video) is patchified and passed through an MLP into context tokens. Cross-attention
+rotates the video queries by their (t, h, w) and the reference keys by (0, h, w), so a query
+can find the reference patch at its own position. The CFG null context is the embedding of an
+all-zero reference latent (zero = the latent mean); training drops the reference the same way.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from export.config import DiTConfig
+from export.rope import apply_rope, rope_tables
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+def timestep_features(t, dim: int):
+    """Sinusoidal features of timesteps (B,) -> (B, dim), cos first as in Wan."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None, :]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with q/k RMSNorm over the full inner dim (Wan's norm_q / norm_k)."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        D = cfg.dim
+        self.heads = cfg.num_heads
+        self.to_q, self.to_k, self.to_v = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
+        self.to_out = nn.ModuleList([nn.Linear(D, D), nn.Dropout(0.0)])
+        self.norm_q = nn.RMSNorm(D, eps=cfg.eps)
+        self.norm_k = nn.RMSNorm(D, eps=cfg.eps)
+
+    def forward(self, x, context, rope_q, rope_k, layout: str, grid):
+        """x (B, L, D), context (B, Lc, D) -> (B, L, D).
+
+        layout: "full" (every query sees every key), "spatial" or "temporal" (self-attention
+        regrouped over the (T, H, W) token grid, see `group`).
+        """
+        B, L, D = x.shape
+        q = apply_rope(self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1)), *rope_q)  # (B, L, h, d)
+        k = apply_rope(self.norm_k(self.to_k(context)).unflatten(2, (self.heads, -1)), *rope_k)
+        v = self.to_v(context).unflatten(2, (self.heads, -1))
+        q, k, v = (group(t, layout, grid) for t in (q, k, v))  # (B', heads, L', d)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out[0](ungroup(out, layout, grid, B))
+
+
+def group(x, layout: str, grid):
+    """(B, L, heads, d) -> (B', heads, L', d): the seed's view-based factorization."""
+    B, L, h, d = x.shape
+    T, H, W = grid
+    if layout == "full":
+        return x.transpose(1, 2)  # (B, heads, L, d)
+    x = x.reshape(B, T, H * W, h, d)
+    if layout == "spatial":
+        return x.reshape(B * T, H * W, h, d).transpose(1, 2)  # (B*T, heads, H*W, d)
+    return x.permute(0, 2, 3, 1, 4).reshape(B * H * W, h, T, d)  # (B*H*W, heads, T, d)
+
+
+def ungroup(x, layout: str, grid, B: int):
+    """Inverse of `group`: (B', heads, L', d) -> (B, L, heads*d)."""
+    T, H, W = grid
+    _, h, _, d = x.shape
+    if layout == "full":
+        return x.transpose(1, 2).reshape(B, T * H * W, h * d)
+    if layout == "spatial":
+        return x.transpose(1, 2).reshape(B, T * H * W, h * d)  # (B*T, H*W, h, d) is t-major already
+    x = x.reshape(B, H * W, h, T, d).permute(0, 3, 1, 2, 4)  # (B, T, H*W, h, d)
+    return x.reshape(B, T * H * W, h * d)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.net = nn.ModuleList([GELUProj(cfg.dim, cfg.ffn_dim), nn.Dropout(0.0),
+                                  nn.Linear(cfg.ffn_dim, cfg.dim)])
+
+    def forward(self, x):
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class GELUProj(nn.Module):
+    """diffusers' GELU(approximate="tanh") layer: `proj` then the activation."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out)
+
+    def forward(self, x):
+        return F.gelu(self.proj(x), approximate="tanh")
+
+
+class WanBlock(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        D, eps = cfg.dim, cfg.eps
+        self.factorized = cfg.attention == "factorized"
+        self.norm1 = nn.LayerNorm(D, eps, elementwise_affine=False)
+        self.attn1 = Attention(cfg)
+        self.norm2 = nn.LayerNorm(D, eps, elementwise_affine=True)
+        self.attn2 = Attention(cfg)
+        self.norm3 = nn.LayerNorm(D, eps, elementwise_affine=False)
+        self.ffn = FeedForward(cfg)
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, D) / D**0.5)
+        if self.factorized:
+            self.norm_temporal = nn.LayerNorm(D, eps, elementwise_affine=False)
+            self.attn_temporal = Attention(cfg)
+            self.scale_shift_table_temporal = nn.Parameter(torch.randn(1, 3, D) / D**0.5)
+
+    def forward(self, x, mod, context, rope_video, rope_ref, grid):
+        """x (B, L, D); mod (B, 6 or 9, D) from the timestep; context (B, Lr, D)."""
+        shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = (
+            self.scale_shift_table + mod[:, :6]).chunk(6, dim=1)
+        h = modulate(self.norm1(x), shift_msa, scale_msa)
+        layout = "spatial" if self.factorized else "full"
+        x = x + gate_msa * self.attn1(h, h, rope_video, rope_video, layout, grid)
+        x = x + self.attn2(self.norm2(x), context, rope_video, rope_ref, "full", grid)
+        if self.factorized:
+            t_shift, t_scale, t_gate = (self.scale_shift_table_temporal + mod[:, 6:9]).chunk(3, dim=1)
+            h = modulate(self.norm_temporal(x), t_shift, t_scale)
+            x = x + t_gate * self.attn_temporal(h, h, rope_video, rope_video, "temporal", grid)
+        return x + c_gate * self.ffn(modulate(self.norm3(x), c_shift, c_scale))
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, freq_dim: int, dim: int):
+        super().__init__()
+        self.linear_1, self.linear_2 = nn.Linear(freq_dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, features):
+        return self.linear_2(F.silu(self.linear_1(features)))
+
+
+class ReferenceEmbedder(nn.Module):
+    """Reference latent (B, C, 1, h, w) -> context tokens (B, h/2 * w/2, D): patchify + MLP."""
+
+    def __init__(self, cfg: DiTConfig, in_channels: int):
+        super().__init__()
+        self.proj = nn.Conv3d(in_channels, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
+        self.linear_1, self.linear_2 = nn.Linear(cfg.dim, cfg.dim), nn.Linear(cfg.dim, cfg.dim)
+
+    def forward(self, ref_latent):
+        x = self.proj(ref_latent).flatten(2).transpose(1, 2)  # (B, Hr*Wr, D)
+        return self.linear_2(F.gelu(self.linear_1(x), approximate="tanh"))
+
+
+class ConditionEmbedder(nn.Module):
+    def __init__(self, cfg: DiTConfig, in_channels: int):
+        super().__init__()
+        self.n_mod = 9 if cfg.attention == "factorized" else 6
+        self.time_embedder = TimestepEmbedder(cfg.freq_dim, cfg.dim)
+        self.time_proj = nn.Linear(cfg.dim, self.n_mod * cfg.dim)
+        self.ref_embedder = ReferenceEmbedder(cfg, in_channels)
+
+
+class WanDiT(nn.Module):
+    def __init__(self, cfg: DiTConfig, in_channels: int):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.dim
+        self.patch_embedding = nn.Conv3d(in_channels, D, cfg.patch_size, stride=cfg.patch_size)
+        self.condition_embedder = ConditionEmbedder(cfg, in_channels)
+        self.blocks = nn.ModuleList([WanBlock(cfg) for _ in range(cfg.num_layers)])
+        self.norm_out = nn.LayerNorm(D, cfg.eps, elementwise_affine=False)
+        self.proj_out = nn.Linear(D, in_channels * math.prod(cfg.patch_size))
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, D) / D**0.5)
+
+    def forward(self, latent, timestep, ref_latent):
+        """latent (B, C, F, h, w), timestep (B,) in [0, 1000], ref_latent (B, C, 1, h, w)
+        -> velocity (B, C, F, h, w), the flow-matching target noise - x0."""
+        B, C, Fr, h, w = latent.shape
+        pt, ph, pw = self.cfg.patch_size
+        cfg, emb = self.cfg, self.condition_embedder
+        x = self.patch_embedding(latent)  # (B, D, T, H, W) token grid
+        grid = tuple(x.shape[2:])
+        x = x.flatten(2).transpose(1, 2)  # (B, T*H*W, D), t-major
+        temb = emb.time_embedder(timestep_features(timestep, cfg.freq_dim))  # (B, D)
+        mod = emb.time_proj(F.silu(temb)).unflatten(1, (emb.n_mod, cfg.dim))  # (B, n_mod, D)
+        context = emb.ref_embedder(ref_latent)  # (B, H*W, D)
+        rope_video = rope_tables(grid, cfg.head_dim, cfg.rope_theta)
+        rope_ref = rope_tables((1, *grid[1:]), cfg.head_dim, cfg.rope_theta)
+        for block in self.blocks:
+            x = block(x, mod, context, rope_video, rope_ref, grid)
+        shift, scale = (self.scale_shift_table + temb[:, None]).chunk(2, dim=1)
+        x = self.proj_out(modulate(self.norm_out(x), shift, scale))  # (B, L, pt*ph*pw*C)
+        T, H, W = grid
+        x = x.reshape(B, T, H, W, pt, ph, pw, C)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, T, pt, H, ph, W, pw)
+        return x.reshape(B, C, T * pt, H * ph, W * pw)

@@ -1,0 +1,117 @@
+"""Export one stage to ONNX from its StageSpec, and check the graph against PyTorch.
+
+The exporter is `torch.onnx.export(dynamo=True)` (the TorchScript exporter fails on rms_norm);
+dynamic axes come from the spec's symbolic dims as named `torch.export.Dim`s, and the graph's
+axis names are rewritten to the spec's expressions ("4*F-3", "16*Hp", ...) so a reader of the
+ONNX file sees the same names as the manifest. Weights go to external data (`<stage>.onnx.data`),
+which is what multi-GB models need anyway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from runtime.stages import StageSpec, SymbolRange
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 20  # every ONNX Runtime and TensorRT 10.x reads it
+
+# Validation shapes: the first is the trace shape (distinct sizes so no two axes get unified,
+# no 1s so nothing specializes), the second checks that the graph really is dynamic and covers
+# the 1-frame clip the reference image is. Hp/Wp stay small: validation runs on the CPU.
+EXPORT_ENV = {"B": 2, "F": 3, "Hp": 2, "Wp": 4}
+SECOND_ENV = {"B": 1, "F": 1, "Hp": 3, "Wp": 2}
+
+# Max abs error / max |reference| allowed between ONNX Runtime fp32 and PyTorch fp32.
+FP32_TOLERANCE = 1e-4
+
+
+def torch_dynamic_shapes(spec: StageSpec, symbols: dict[str, SymbolRange]) -> dict:
+    dims = {s: torch.export.Dim(s, min=r.min, max=r.max) for s, r in symbols.items()}
+    shapes = {}
+    for t in spec.inputs:
+        axes = {}
+        for i, d in enumerate(t.dims):
+            if d.symbol is not None:
+                axes[i] = dims[d.symbol] * d.scale + d.offset if (d.scale, d.offset) != (1, 0) else dims[d.symbol]
+        shapes[t.name] = axes
+    return shapes
+
+
+def name_axes(model: onnx.ModelProto, spec: StageSpec) -> None:
+    """Rewrite graph input/output axis names to the spec's expressions."""
+    by_name = {t.name: t for t in spec.inputs + spec.outputs}
+    for value in (*model.graph.input, *model.graph.output):
+        tspec = by_name[value.name]
+        for dim, d in zip(value.type.tensor_type.shape.dim, tspec.dims):
+            if d.symbol is None:
+                dim.dim_value = d.offset
+            else:
+                dim.dim_param = str(d)
+
+
+def export_stage(module: torch.nn.Module, spec: StageSpec, symbols: dict[str, SymbolRange],
+                 path: Path, opset: int = DEFAULT_OPSET) -> None:
+    """Export `module` (whose forward takes the spec's inputs in order) to `path`."""
+    sample = spec.sample_inputs(EXPORT_ENV)
+    args = tuple(torch.from_numpy(sample[t.name]) for t in spec.inputs)
+    t0 = time.perf_counter()
+    # The exporter narrates every pass on stdout; keep it for --debug only.
+    quiet = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module, args, dynamo=True, opset_version=opset,
+            input_names=[t.name for t in spec.inputs],
+            output_names=[t.name for t in spec.outputs],
+            dynamic_shapes=torch_dynamic_shapes(spec, symbols),
+        )
+    log.debug(quiet.getvalue())
+    model = program.model_proto
+    name_axes(model, spec)
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=f"{path.name}.data")
+    onnx.checker.check_model(str(path))
+    log.debug("exported %s in %.1f s", path.name, time.perf_counter() - t0)
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    """Max abs error and max abs error relative to the reference's largest magnitude."""
+    err = float(np.max(np.abs(reference.astype(np.float64) - candidate.astype(np.float64))))
+    scale = float(np.max(np.abs(reference))) or 1.0
+    finite = bool(np.isfinite(candidate).all())
+    return {"max_abs": err, "max_rel": err / scale, "finite": finite}
+
+
+def validate_stage(module: torch.nn.Module, spec: StageSpec, path: Path,
+                   tolerance: float = FP32_TOLERANCE) -> dict:
+    """Run the graph in ONNX Runtime and the module in PyTorch at two shapes; worst errors."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    worst = {"max_abs": 0.0, "max_rel": 0.0, "finite": True}
+    shapes = []
+    for seed, env in enumerate((EXPORT_ENV, SECOND_ENV)):
+        inputs = spec.sample_inputs(env, seed=seed)
+        with torch.no_grad():
+            ref = module(*(torch.from_numpy(inputs[t.name]) for t in spec.inputs))
+        ref = ref if isinstance(ref, tuple) else (ref,)
+        got = session.run([t.name for t in spec.outputs], inputs)
+        for r, g in zip(ref, got):
+            m = compare(r.numpy(), g)
+            worst = {"max_abs": max(worst["max_abs"], m["max_abs"]),
+                     "max_rel": max(worst["max_rel"], m["max_rel"]),
+                     "finite": worst["finite"] and m["finite"]}
+        shapes.append({t.name: list(t.shape(env)) for t in spec.inputs})
+    return {**worst, "tolerance": tolerance, "metric": "max_abs / max|torch|",
+            "passed": worst["finite"] and worst["max_rel"] <= tolerance, "shapes": shapes}

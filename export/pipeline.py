@@ -1,0 +1,98 @@
+"""The PyTorch reference pipeline: the oracle the runtime is checked against.
+
+Flow matching: x_sigma = (1 - sigma) * x0 + sigma * noise, the DiT predicts v = noise - x0.
+Sigmas run from 1 to 0 in `steps` uniform steps, shifted by sigma' = s*sigma / (1 + (s-1)*sigma)
+(more steps at high noise); the DiT sees t = 1000 * sigma'. CFG: v = v_u + g * (v_c - v_u),
+both branches in one batch-2 call; g == 1 skips the unconditional branch.
+
+Solvers (both return the next sample and this step's x0 estimate, which the next step of a
+multistep solver takes back; no hidden step counter):
+    euler    x <- x + (sigma_next - sigma) * v
+    dpm++2m  DPM-Solver++(2M) in data prediction, written for flow matching
+             (alpha = 1 - sigma); first order on the first step, on the step after sigma = 1
+             (its log-SNR is -inf) and on the last step (to sigma = 0).
+
+The runtime's numpy solvers (runtime/solvers.py) are a separate implementation of the same
+formulas, tested against these on the same noise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from export.dit import WanDiT
+from export.vae import WanVAE
+
+
+def flow_sigmas(steps: int, shift: float) -> torch.Tensor:
+    """steps + 1 shifted sigmas from 1 to 0 (float64)."""
+    s = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def euler_step(x, v, sigmas, i, prev_x0=None):
+    s, t = float(sigmas[i]), float(sigmas[i + 1])
+    return x + (t - s) * v, x - s * v
+
+
+def dpmpp_2m_step(x, v, sigmas, i, prev_x0=None):
+    s, t = float(sigmas[i]), float(sigmas[i + 1])
+    x0 = x - s * v
+    if t == 0.0:
+        return x0, x0
+    # exp(-h) with h = lambda_t - lambda_s, lambda = log(alpha / sigma): finite at sigma_s = 1
+    exp_neg_h = (t * (1 - s)) / ((1 - t) * s)
+    d = x0
+    prev_s = float(sigmas[i - 1]) if i > 0 else 1.0
+    if prev_x0 is not None and prev_s < 1.0:
+        lam = lambda sig: math.log((1 - sig) / sig)
+        r = (lam(s) - lam(prev_s)) / (lam(t) - lam(s))
+        d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
+    return (t / s) * x - (1 - t) * (exp_neg_h - 1) * d, x0
+
+
+SOLVERS = {"euler": euler_step, "dpm++2m": dpmpp_2m_step}
+
+
+def to_unit(frames_uint8: np.ndarray) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> float (1, 3, T, H, W) in [-1, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(frames_uint8)).float() / 127.5 - 1.0
+    return x.permute(3, 0, 1, 2)[None]
+
+
+def to_uint8(video: torch.Tensor) -> np.ndarray:
+    """float (1, 3, T, H, W) in [-1, 1] -> uint8 (T, H, W, 3)."""
+    x = ((video[0].permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round()
+    return x.to(torch.uint8).numpy()
+
+
+@dataclass
+class ReferencePipeline:
+    vae: WanVAE
+    dit: WanDiT
+
+    @torch.no_grad()
+    def velocity(self, x, sigma: float, ref_latent, guidance: float):
+        t = torch.full((1,), 1000.0 * sigma, dtype=torch.float32)
+        if guidance == 1.0:
+            return self.dit(x, t, ref_latent)
+        v_c, v_u = self.dit(torch.cat([x, x]), torch.cat([t, t]),
+                            torch.cat([ref_latent, torch.zeros_like(ref_latent)])).chunk(2)
+        return v_u + guidance * (v_c - v_u)
+
+    @torch.no_grad()
+    def generate(self, image: np.ndarray, noise: np.ndarray, steps: int, guidance: float,
+                 shift: float, solver: str) -> torch.Tensor:
+        """image uint8 (H, W, 3), noise (1, C, F, h, w) -> decoded video (1, 3, T, H, W) in [-1, 1]."""
+        ref_latent = self.vae.encode(to_unit(image[None]))  # (1, C, 1, h, w)
+        x = torch.from_numpy(noise).float()
+        sigmas = flow_sigmas(steps, shift)
+        step, x0 = SOLVERS[solver], None
+        for i in range(steps):
+            v = self.velocity(x, float(sigmas[i]), ref_latent, guidance)
+            x, x0 = step(x, v, sigmas, i, x0)
+        return self.vae.decode(x)

@@ -1,0 +1,11 @@
+"""Torch-free runtime: load a wan-export artifact directory and generate video.
+
+    from runtime import Pipeline
+    pipe = Pipeline.from_dir("artifacts/small")
+    frames = pipe("reference.png", frames=17, steps=20, seed=0)   # uint8 (T, H, W, 3)
+"""
+
+from runtime.errors import WanError
+from runtime.pipeline import Generation, Pipeline
+
+__all__ = ["Pipeline", "Generation", "WanError"]

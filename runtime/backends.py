@@ -1,0 +1,62 @@
+"""Running a stage graph: ONNX Runtime sessions fed by name with explicit dtypes.
+
+A `StageSession` holds one stage's spec and session; calling it checks the inputs against the
+spec (a wrong shape is a bug upstream, reported with names rather than an ORT stack trace).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from runtime.errors import WanError
+from runtime.manifest import Manifest
+from runtime.stages import StageSpec
+
+log = logging.getLogger(__name__)
+
+
+def available_providers() -> list[str]:
+    """CUDA when onnxruntime-gpu has it, else the CPU (TensorRT engines are a separate backend)."""
+    have = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in have]
+
+
+@dataclass
+class StageSession:
+    spec: StageSpec
+    session: ort.InferenceSession
+
+    def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        self.spec.bind(inputs)
+        names = [t.name for t in self.spec.outputs]
+        return dict(zip(names, self.session.run(names, inputs)))
+
+
+def open_stages(root: Path, manifest: Manifest, precision: str = "fp32",
+                threads: int | None = None) -> dict[str, StageSession]:
+    """One ONNX Runtime session per stage at `precision`."""
+    built = manifest.precisions()
+    if precision not in built:
+        raise WanError(f"precision {precision!r} was not built in '{root}' (built: "
+                       f"{', '.join(built) or 'none'}); rebuild with wan-export --precision {precision}")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3  # ORT warns about unused initializers etc. on every load
+    providers = available_providers()
+    sessions = {}
+    for name, stage in manifest.stages.items():
+        path = root / stage.artifacts[precision].path
+        try:
+            session = ort.InferenceSession(str(path), opts, providers=providers)
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+            raise WanError(f"ONNX Runtime cannot load '{path}': {str(exc).splitlines()[0]}")
+        sessions[name] = StageSession(stage.spec, session)
+    log.debug("opened %s stages with %s", precision, providers)
+    return sessions

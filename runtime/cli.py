@@ -1,0 +1,86 @@
+"""`wan-run`: generate a video from an artifact directory (a thin layer over runtime.Pipeline)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from runtime.errors import WanError, run_cli
+
+log = logging.getLogger(__name__)
+
+EXAMPLES = """
+\b
+Examples:
+  wan-run artifacts/small --image examples/reference.png -o out.mp4
+  wan-run artifacts/small --image ref.png --frames 33 --steps 30 --solver euler -o clip.gif
+  wan-run artifacts/small --image ref.png --seed 7 -o frames/      # a folder of PNGs
+
+Defaults for frames, size, steps, guidance, shift, solver and fps come from the
+artifact's manifest (the preset it was exported from). The same seed gives the same video.
+"""
+
+
+@click.command(epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"],
+                                                  "max_content_width": 100})
+@click.argument("artifacts", type=click.Path(path_type=str))
+@click.option("--image", "-i", required=True, type=click.Path(path_type=str),
+              help="Reference image (any format Pillow reads); resized and centre-cropped.")
+@click.option("--output", "-o", required=True, type=click.Path(path_type=str),
+              help="Output: NAME.mp4 (H.264), NAME.gif, or a folder name for PNG frames.")
+@click.option("--frames", type=int, help="Frame count, 4n+1 (1, 5, 9, 13, 17, ...).")
+@click.option("--height", type=int, help="Height in pixels, a multiple of 16.")
+@click.option("--width", type=int, help="Width in pixels, a multiple of 16.")
+@click.option("--steps", type=int, help="Denoising steps (>= 1).")
+@click.option("--guidance", type=float, help="Classifier-free guidance scale (1 = off).")
+@click.option("--shift", type=float, help="Flow-matching sigma shift (> 0).")
+@click.option("--solver", type=click.Choice(["euler", "dpm++2m"]), help="ODE solver.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Noise seed.")
+@click.option("--fps", type=int, help="Frames per second of the written video.")
+@click.option("--precision", default="fp32", show_default=True,
+              help="Which built precision of the graphs to run.")
+@click.option("--threads", type=int, help="CPU threads for ONNX Runtime (default: all cores).")
+@click.option("--verify", type=click.Choice(["auto", "full", "none"]), default="auto",
+              show_default=True,
+              help="File integrity check: auto re-hashes only files changed since last checked.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or timing table.")
+@click.option("--debug", is_flag=True, help="Tracebacks and debug logging.")
+def main(artifacts, image, output, frames, height, width, steps, guidance, shift, solver, seed,
+         fps, precision, threads, verify, overwrite, quiet, debug):
+    """Generate a video that animates a reference image, from a wan-export artifact directory."""
+    from runtime.media import check_output, load_image, write_video
+    from runtime.pipeline import Pipeline
+
+    check_output(output, overwrite)  # fail on a bad output name before any slow work
+    if threads is not None and threads < 1:
+        raise WanError(f"threads {threads} is not allowed: use a whole number >= 1")
+    if fps is not None and fps < 1:
+        raise WanError(f"fps {fps} is not allowed: use a whole number >= 1")
+    pipe = Pipeline.from_dir(artifacts, precision=precision, verify=verify, threads=threads)
+    req = pipe.check_request(frames, height, width, steps, guidance, shift, solver, seed)
+    ref = load_image(image, req.height, req.width)
+
+    bar = None
+    if not quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=req.steps, desc="denoising", unit="step", file=sys.stderr, leave=False)
+    try:
+        result = pipe.generate(ref, req.frames, req.height, req.width, req.steps, req.guidance,
+                               req.shift, req.solver, req.seed,
+                               on_step=(lambda i, s: bar.update(1)) if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    path = write_video(result.frames, output, fps=fps or pipe.manifest.sampler["fps"],
+                       overwrite=overwrite)
+    if not quiet:
+        click.echo(f"wrote {path} ({req.frames} frames, {req.width}x{req.height}, "
+                   f"{req.steps} steps, {req.solver}, guidance {req.guidance}, seed {req.seed})")
+        click.echo(result.timings.table())
+
+
+entry_point = run_cli(main, "wan-run")

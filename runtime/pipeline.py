@@ -1,0 +1,211 @@
+"""Generate a video from an artifact directory: encode the reference, denoise, decode.
+
+Layered like a small inference API:
+    Pipeline.from_dir(path)                          load + verify the artifacts once
+    pipe.encode_reference(image) -> ref latent       one stage call
+    pipe.denoise(ref, noise, ...) -> latent          the flow-matching loop (one DiT call a step)
+    pipe.decode(latent) -> uint8 frames
+    pipe.generate(image, ...) -> Generation          all of it, with per-stage timings
+    pipe(image, ...) -> uint8 frames (T, H, W, 3)    the same, frames only
+
+User-facing arguments are validated up front (`check_request`) with one-line errors that name
+the value and what is allowed, before any stage runs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from runtime.backends import StageSession, open_stages
+from runtime.errors import WanError
+from runtime.manifest import Manifest, load_manifest
+from runtime.solvers import SOLVERS, flow_sigmas, guided, timestep
+
+
+@dataclass(frozen=True)
+class Request:
+    """A validated generation request; `None`s in the user's call were filled from the manifest."""
+
+    frames: int
+    height: int
+    width: int
+    steps: int
+    guidance: float
+    shift: float
+    solver: str
+    seed: int
+
+
+@dataclass
+class Timings:
+    """Wall-clock seconds per stage; `dit` holds one entry per denoising step."""
+
+    encode: float = 0.0
+    dit: list[float] = field(default_factory=list)
+    decode: float = 0.0
+    total: float = 0.0
+
+    def table(self) -> str:
+        per_step = sum(self.dit) / len(self.dit) if self.dit else 0.0
+        rows = [("encode (reference)", self.encode),
+                (f"DiT per step (x{len(self.dit)})", per_step),
+                ("DiT all steps", sum(self.dit)),
+                ("decode", self.decode),
+                ("total", self.total)]
+        return "\n".join(f"{name:<22}{sec * 1000:>10.1f} ms" for name, sec in rows)
+
+
+@dataclass
+class Generation:
+    frames: np.ndarray  # uint8 (T, H, W, 3)
+    timings: Timings
+    request: Request
+
+
+def to_unit(frames_uint8: np.ndarray) -> np.ndarray:
+    """uint8 (T, H, W, 3) -> float32 (1, 3, T, H, W) in [-1, 1]."""
+    x = frames_uint8.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    return np.ascontiguousarray(x.transpose(3, 0, 1, 2)[None])
+
+
+def to_uint8(video: np.ndarray) -> np.ndarray:
+    """float (1, 3, T, H, W) in [-1, 1] -> uint8 (T, H, W, 3)."""
+    x = np.rint((np.clip(video[0], -1, 1).transpose(1, 2, 3, 0) + 1) * np.float32(127.5))
+    return x.astype(np.uint8)
+
+
+class Pipeline:
+    def __init__(self, root: Path, manifest: Manifest, stages: dict[str, StageSession]):
+        self.root, self.manifest, self.stages = root, manifest, stages
+
+    @classmethod
+    def from_dir(cls, path: str | Path, precision: str = "fp32", verify: str = "auto",
+                 threads: int | None = None) -> "Pipeline":
+        """Load an artifact directory written by wan-export; `verify` as in `load_manifest`."""
+        root = Path(path)
+        manifest = load_manifest(root, verify)
+        return cls(root, manifest, open_stages(root, manifest, precision, threads))
+
+    # -- validation -----------------------------------------------------------------------
+
+    def check_request(self, frames=None, height=None, width=None, steps=None, guidance=None,
+                      shift=None, solver=None, seed=0) -> Request:
+        """Fill defaults from the manifest and check every value against what the graphs allow."""
+        m, g = self.manifest, self.manifest.geometry
+        video, sampler = m.video, m.sampler
+        frames = video["frames"] if frames is None else frames
+        height = video["height"] if height is None else height
+        width = video["width"] if width is None else width
+        steps = sampler["steps"] if steps is None else steps
+        guidance = sampler["guidance"] if guidance is None else guidance
+        shift = sampler["shift"] if shift is None else shift
+        solver = sampler["solver"] if solver is None else solver
+
+        ts = g.temporal_stride
+        f_range = m.symbols["F"]
+        max_frames = ts * (f_range.max - 1) + 1
+        if g.frames_to_latent(frames) is None or not 1 <= frames <= max_frames:
+            raise WanError(f"frames {frames} is not allowed: use {ts}n+1 frames "
+                           f"(1, {ts + 1}, {2 * ts + 1}, ...) up to {max_frames}")
+        for name, size, mult, sym in (("height", height, g.pixels_per_token[0], "Hp"),
+                                      ("width", width, g.pixels_per_token[1], "Wp")):
+            r = m.symbols[sym]
+            if size % mult or not r.min * mult <= size <= r.max * mult:
+                raise WanError(f"{name} {size} is not allowed: use a multiple of {mult} from "
+                               f"{r.min * mult} to {r.max * mult}")
+        if not isinstance(steps, int) or steps <= 0:
+            raise WanError(f"steps {steps} is not allowed: use a whole number >= 1")
+        if not math.isfinite(guidance) or guidance < 0:
+            raise WanError(f"guidance {guidance} is not allowed: use a finite number >= 0 "
+                           "(1 disables classifier-free guidance)")
+        if not math.isfinite(shift) or shift <= 0:
+            raise WanError(f"shift {shift} is not allowed: use a finite number > 0")
+        if solver not in SOLVERS:
+            raise WanError(f"solver {solver!r} is not allowed: use one of {', '.join(SOLVERS)}")
+        if not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise WanError(f"seed {seed} is not allowed: use a whole number from 0 to 2^63-1")
+        return Request(frames, height, width, steps, float(guidance), float(shift), solver, seed)
+
+    # -- stages ---------------------------------------------------------------------------
+
+    def encode_reference(self, image: np.ndarray) -> np.ndarray:
+        """uint8 (H, W, 3) -> normalized reference latent (1, C, 1, h, w)."""
+        return self.stages["vae_encoder"](video=to_unit(image[None]))["latent"]
+
+    def noise(self, req: Request) -> np.ndarray:
+        """The initial latent noise for a request: same seed, same noise, on every machine."""
+        env = self.manifest.geometry.env(1, req.frames, req.height, req.width)
+        shape = self.stages["dit"].spec.inputs[0].shape(env)
+        return np.random.default_rng(req.seed).standard_normal(shape, dtype=np.float32)
+
+    def velocity(self, x: np.ndarray, sigma: float, ref_latent: np.ndarray, guidance: float):
+        """One DiT call; with guidance != 1 the conditional and null-reference branches run as
+        one batch-2 call (the null reference is an all-zero latent)."""
+        dit = self.stages["dit"]
+        t = np.full((1,), timestep(sigma), dtype=np.float32)
+        if guidance == 1.0:
+            return dit(latent=x, timestep=t, ref_latent=ref_latent)["velocity"]
+        v = dit(latent=np.concatenate([x, x]), timestep=np.concatenate([t, t]),
+                ref_latent=np.concatenate([ref_latent, np.zeros_like(ref_latent)]))["velocity"]
+        return guided(v[:1], v[1:], guidance)
+
+    def denoise(self, ref_latent: np.ndarray, noise: np.ndarray, req: Request,
+                on_step: Callable[[int, float], None] | None = None) -> np.ndarray:
+        """Integrate the flow from noise (sigma 1) to a clean latent (sigma 0)."""
+        sigmas = flow_sigmas(req.steps, req.shift)
+        step, x, x0 = SOLVERS[req.solver], noise, None
+        for i in range(req.steps):
+            t0 = time.perf_counter()
+            v = self.velocity(x, float(sigmas[i]), ref_latent, req.guidance)
+            x, x0 = step(x, v, sigmas, i, x0)
+            if on_step is not None:
+                on_step(i, time.perf_counter() - t0)
+        return x
+
+    def decode_video(self, latent: np.ndarray) -> np.ndarray:
+        """latent (1, C, F, h, w) -> float video (1, 3, T, H, W) in [-1, 1]."""
+        return self.stages["vae_decoder"](latent=latent)["video"]
+
+    # -- whole generation -------------------------------------------------------------------
+
+    def generate(self, image: np.ndarray | str | Path, frames=None, height=None, width=None,
+                 steps=None, guidance=None, shift=None, solver=None, seed=0,
+                 noise: np.ndarray | None = None,
+                 on_step: Callable[[int, float], None] | None = None) -> Generation:
+        """image: uint8 (H, W, 3) at the requested size, or an image file (resized and
+        centre-cropped to it). `noise` overrides the seeded initial latent (for parity tests)."""
+        req = self.check_request(frames, height, width, steps, guidance, shift, solver, seed)
+        if isinstance(image, (str, Path)):
+            from runtime.media import load_image
+
+            image = load_image(image, req.height, req.width)
+        if image.dtype != np.uint8 or image.shape != (req.height, req.width, 3):
+            raise WanError(f"reference image array has {image.dtype} {image.shape}; expected "
+                           f"uint8 ({req.height}, {req.width}, 3)")
+        timings = Timings()
+        t_start = time.perf_counter()
+        ref_latent = self.encode_reference(image)
+        timings.encode = time.perf_counter() - t_start
+        noise = self.noise(req) if noise is None else noise
+
+        def record(i: int, seconds: float) -> None:
+            timings.dit.append(seconds)
+            if on_step is not None:
+                on_step(i, seconds)
+
+        latent = self.denoise(ref_latent, noise, req, record)
+        t0 = time.perf_counter()
+        frames_out = to_uint8(self.decode_video(latent))
+        timings.decode = time.perf_counter() - t0
+        timings.total = time.perf_counter() - t_start
+        return Generation(frames_out, timings, req)
+
+    def __call__(self, image, **kwargs) -> np.ndarray:
+        """Generate and return uint8 frames (T, H, W, 3); see `generate` for the arguments."""
+        return self.generate(image, **kwargs).frames

@@ -1,0 +1,60 @@
+"""Flow-matching schedule and solvers in numpy (the runtime's side; see export/pipeline.py).
+
+x_sigma = (1 - sigma) * x0 + sigma * noise; the model predicts v = noise - x0.
+Every solver step has one signature, `step(x, v, sigmas, i, prev_x0) -> (x_next, x0)`: the
+step index is explicit and a multistep solver gets its history back from the caller, so there
+is no hidden counter to reset between videos. Coefficients are computed in Python floats
+(float64) and applied to float32 arrays in the same order as the PyTorch reference, which keeps
+both sides equal to the last bit for the same inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def flow_sigmas(steps: int, shift: float) -> np.ndarray:
+    """steps + 1 sigmas from 1 to 0, shifted: sigma' = shift*sigma / (1 + (shift-1)*sigma)."""
+    s = np.linspace(1.0, 0.0, steps + 1, dtype=np.float64)
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def timestep(sigma: float) -> float:
+    """The DiT's timestep input for a sigma."""
+    return 1000.0 * sigma
+
+
+def euler_step(x, v, sigmas, i, prev_x0=None):
+    """x <- x + (sigma_next - sigma) * v."""
+    s, t = float(sigmas[i]), float(sigmas[i + 1])
+    return x + (t - s) * v, x - s * v
+
+
+def dpmpp_2m_step(x, v, sigmas, i, prev_x0=None):
+    """DPM-Solver++(2M), data prediction, alpha = 1 - sigma.
+
+    First order on the first step, on the step after sigma = 1 (its log-SNR is -inf, so there
+    is no usable history) and on the final step to sigma = 0 (which returns the x0 estimate).
+    """
+    s, t = float(sigmas[i]), float(sigmas[i + 1])
+    x0 = x - s * v
+    if t == 0.0:
+        return x0, x0
+    exp_neg_h = (t * (1 - s)) / ((1 - t) * s)  # exp(-(lambda_t - lambda_s)), finite at s = 1
+    d = x0
+    prev_s = float(sigmas[i - 1]) if i > 0 else 1.0
+    if prev_x0 is not None and prev_s < 1.0:
+        lam = lambda sig: math.log((1 - sig) / sig)  # noqa: E731 - log-SNR
+        r = (lam(s) - lam(prev_s)) / (lam(t) - lam(s))
+        d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
+    return (t / s) * x - (1 - t) * (exp_neg_h - 1) * d, x0
+
+
+SOLVERS = {"euler": euler_step, "dpm++2m": dpmpp_2m_step}
+
+
+def guided(v_cond: np.ndarray, v_uncond: np.ndarray, guidance: float) -> np.ndarray:
+    """Classifier-free guidance: v = v_u + g * (v_c - v_u)."""
+    return v_uncond + guidance * (v_cond - v_uncond)
