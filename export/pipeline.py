@@ -30,7 +30,7 @@ from export.vae import WanVAE
 
 def flow_sigmas(steps: int, shift: float) -> torch.Tensor:
     """steps + 1 shifted sigmas from 1 to 0 (float64)."""
-    s = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    s = (steps - torch.arange(steps + 1, dtype=torch.float64)) / steps
     return shift * s / (1 + (shift - 1) * s)
 
 

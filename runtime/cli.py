@@ -39,7 +39,8 @@ artifact's manifest (the preset it was exported from). The same seed gives the s
 @click.option("--solver", type=click.Choice(["euler", "dpm++2m"]), help="ODE solver.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Noise seed.")
 @click.option("--fps", type=int, help="Frames per second of the written video.")
-@click.option("--precision", default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32",
+              show_default=True,
               help="Which built precision of the graphs to run.")
 @click.option("--threads", type=int, help="CPU threads for ONNX Runtime (default: all cores).")
 @click.option("--verify", type=click.Choice(["auto", "full", "none"]), default="auto",

@@ -17,7 +17,7 @@ import numpy as np
 
 def flow_sigmas(steps: int, shift: float) -> np.ndarray:
     """steps + 1 sigmas from 1 to 0, shifted: sigma' = shift*sigma / (1 + (shift-1)*sigma)."""
-    s = np.linspace(1.0, 0.0, steps + 1, dtype=np.float64)
+    s = (steps - np.arange(steps + 1, dtype=np.float64)) / steps  # exact i/steps: matches torch
     return shift * s / (1 + (shift - 1) * s)
 
 

@@ -16,7 +16,7 @@ checks, so a shape is written once.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 

@@ -1,0 +1,139 @@
+"""The two commands as a user runs them: exit codes, one-line errors, no partial output."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from runtime.media import read_video
+
+
+def run(*args, cwd=None):
+    """Run a console script through the interpreter running the tests."""
+    tool, rest = args[0], args[1:]
+    module = {"wan-run": "runtime.cli", "wan-export": "export.cli"}[tool]
+    code = f"import sys; from {module} import entry_point; sys.argv[0] = {tool!r}; entry_point()"
+    return subprocess.run([sys.executable, "-c", code, *map(str, rest)], capture_output=True,
+                          text=True, cwd=cwd, timeout=600)
+
+
+def one_line_error(result, *needles):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def ref_png(tmp_path_factory, reference_image):
+    path = tmp_path_factory.mktemp("img") / "ref.png"
+    Image.fromarray(reference_image).resize((96, 80)).save(path)  # not the output size: resized
+    return path
+
+
+def test_wan_run_happy_path(tiny_dir, ref_png, tmp_path):
+    out = tmp_path / "clip.mp4"
+    r = run("wan-run", tiny_dir, "--image", ref_png, "--frames", 9, "--steps", 3, "-o", out)
+    assert r.returncode == 0, r.stderr
+    frames = read_video(out)
+    assert frames.shape == (9, 64, 64, 3)
+    for row in ("encode", "DiT per step", "decode", "total"):
+        assert row in r.stdout
+    assert "denoising" in r.stderr  # the progress bar
+    # other formats, another size, the Euler solver, and the same seed twice
+    gif, pngs, again = tmp_path / "clip.gif", tmp_path / "frames", tmp_path / "again"
+    for target in (gif, pngs, again):
+        r = run("wan-run", tiny_dir, "--image", ref_png, "--frames", 5, "--height", 48,
+                "--width", 80, "--steps", 2, "--solver", "euler", "--seed", 7, "-q", "-o", target)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == ""
+    a, b = read_video(pngs), read_video(again)
+    assert a.shape == (5, 48, 80, 3) and np.array_equal(a, b)  # same seed, same video
+    assert read_video(gif).shape == a.shape  # (a GIF's palette makes it lossy)
+
+
+def test_wan_export_help_and_refusal(tiny_dir):
+    r = run("wan-export", "--help")
+    assert r.returncode == 0 and "--preset" in r.stdout and "Examples" in r.stdout
+    one_line_error(run("wan-export", "--preset", "tiny", "--out", tiny_dir), "already exists", "--force")
+    one_line_error(run("wan-export", "--preset", "huge", "--out", "x"), "unknown preset 'huge'")
+    one_line_error(run("wan-export", "--preset", "wan2.2-5b", "--out", tiny_dir.parent / "big"),
+                   "analytic")
+
+
+def test_wan_export_happy_path(tmp_path):
+    out = tmp_path / "art"
+    r = run("wan-export", "--preset", "tiny", "--attention", "full", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert (out / "manifest.json").is_file() and "full attention" in r.stdout
+    assert "[3/3] vae_decoder" in r.stderr  # progress per stage
+
+
+@pytest.fixture(scope="module")
+def altered_dir(tiny_dir, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("altered") / "art"
+    shutil.copytree(tiny_dir, dst)
+    data = dst / "onnx/fp32/dit.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 1
+    data.write_bytes(bytes(raw))
+    return dst
+
+
+BAD = {
+    "frames not 4n+1": (["--frames", 8], ["frames 8", "4n+1"]),
+    "too many frames": (["--frames", 1001], ["frames 1001", "up to 65"]),
+    "height not /16": (["--height", 100], ["height 100", "multiple of 16"]),
+    "width too large": (["--width", 2048], ["width 2048", "from 16 to 512"]),
+    "zero steps": (["--steps", 0], ["steps 0", ">= 1"]),
+    "negative steps": (["--steps", -3], ["steps -3"]),
+    "nan guidance": (["--guidance", "nan"], ["guidance nan", "finite"]),
+    "inf shift": (["--shift", "inf"], ["shift inf", "finite"]),
+    "zero shift": (["--shift", 0], ["shift 0.0", "> 0"]),
+    "non-number": (["--steps", "ten"], ["'ten' is not a valid integer"]),
+    "bad solver": (["--solver", "rk4"], ["rk4"]),
+    "bad precision": (["--precision", "int8"], ["int8", "not built"]),
+    "bad output format": (["-o", "{tmp}/out.avi"], ["out.avi", "unsupported format"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_wan_run_bad_arguments(case, tiny_dir, ref_png, tmp_path):
+    extra, needles = BAD[case]
+    extra = [str(e).format(tmp=tmp_path) for e in extra]
+    args = ["--image", ref_png, "--frames", 5, "--steps", 1, "-o", tmp_path / "out.mp4", *extra]
+    one_line_error(run("wan-run", tiny_dir, *args), *needles)
+    assert list(tmp_path.iterdir()) == []  # no output, no temporary left behind
+
+
+def test_wan_run_bad_files(tiny_dir, altered_dir, ref_png, tmp_path):
+    out = tmp_path / "out.mp4"
+    base = ["--frames", 5, "--steps", 1, "-o", out]
+    one_line_error(run("wan-run", tiny_dir, "--image", tmp_path / "none.png", *base),
+                   "none.png", "does not exist")
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG not really")
+    one_line_error(run("wan-run", tiny_dir, "--image", corrupt, *base), "cannot be read as an image")
+    one_line_error(run("wan-run", tmp_path / "no-artifacts", "--image", ref_png, *base),
+                   "no-artifacts", "does not exist")
+    one_line_error(run("wan-run", altered_dir, "--image", ref_png, *base), "dit.onnx.data", "sha256")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.png"]
+
+
+def test_wan_run_keeps_existing_output(tiny_dir, ref_png, tmp_path):
+    out = tmp_path / "out.gif"
+    out.write_bytes(b"precious")
+    one_line_error(run("wan-run", tiny_dir, "--image", ref_png, "--steps", 1, "-o", out),
+                   "already exists", "--overwrite")
+    assert out.read_bytes() == b"precious"
+    r = run("wan-run", tiny_dir, "--image", ref_png, "--steps", 1, "-q", "--overwrite", "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert read_video(out).shape == (9, 64, 64, 3)

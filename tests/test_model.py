@@ -1,0 +1,161 @@
+"""The PyTorch reference model: shapes, causality, factorized attention, RoPE, weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from export.config import PRESETS, ModelConfig, load_config
+from export.dit import Attention
+from export.rope import apply_rope, axes_dims, rope_tables
+from export.weights import build_models, load_checkpoint, save_checkpoint
+from runtime.errors import WanError
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def tiny_models():
+    return build_models(tiny_config())
+
+
+@pytest.mark.parametrize("frames,latent_frames", [(1, 1), (5, 2), (9, 3), (17, 5)])
+def test_vae_frame_counts(tiny_models, frames, latent_frames):
+    vae, _ = tiny_models
+    with torch.no_grad():
+        z = vae.encode(torch.rand(1, 3, frames, 32, 48) * 2 - 1)
+        assert z.shape == (1, 4, latent_frames, 4, 6)
+        assert vae.decode(z).shape == (1, 3, frames, 32, 48)
+
+
+def test_vae_is_causal(tiny_models):
+    """Latent frame k sees only video frames <= 4k; decoded frames only earlier latents."""
+    vae, _ = tiny_models
+    x = torch.rand(1, 3, 9, 32, 32) * 2 - 1
+    with torch.no_grad():
+        z = vae.encode(x)
+        assert torch.allclose(vae.encode(x[:, :, :5]), z[:, :, :2], atol=1e-5)
+        y = vae.decode(z)
+        assert torch.allclose(vae.decode(z[:, :, :2]), y[:, :, :5], atol=1e-5)
+
+
+def test_attention_factorization_is_local():
+    """spatial: a change in frame 1 leaves frame 0 alone; temporal: a change at one (h, w)
+    leaves every other position alone, across all frames."""
+    cfg = tiny_config().dit
+    attn = Attention(cfg).eval()
+    T, H, W = 3, 2, 2
+    rope = rope_tables((T, H, W), cfg.head_dim, cfg.rope_theta)
+    x = torch.randn(1, T * H * W, cfg.dim)
+    y = x.clone()
+    y[:, H * W : 2 * H * W] += 1.0  # all tokens of frame 1
+    z = x.clone()
+    z[:, 0 :: H * W] += 1.0  # position (0, 0) in every frame
+    with torch.no_grad():
+        run = lambda inp, layout: attn(inp, inp, rope, rope, layout, (T, H, W))  # noqa: E731
+        s_x, s_y = run(x, "spatial"), run(y, "spatial")
+        assert torch.equal(s_x[:, : H * W], s_y[:, : H * W])
+        assert not torch.allclose(s_x[:, H * W : 2 * H * W], s_y[:, H * W : 2 * H * W])
+        t_x, t_z = run(x, "temporal"), run(z, "temporal")
+        others = [i for i in range(T * H * W) if i % (H * W) != 0]
+        assert torch.equal(t_x[:, others], t_z[:, others])
+        f_x, f_z = run(x, "full"), run(z, "full")
+        assert not torch.allclose(f_x[:, others], f_z[:, others])
+
+
+def test_rope_is_relative():
+    """q.k after rotation depends on the position offset only (the property RoPE exists for)."""
+    d = 12
+    assert axes_dims(d) == (4, 4, 4) and sum(axes_dims(128)) == 128
+    cos, sin = rope_tables((4, 3, 3), d, 10000.0)
+    q, k = torch.randn(1, 1, 1, d), torch.randn(1, 1, 1, d)
+
+    def score(i, j):
+        qi = apply_rope(q.expand(1, 36, 1, d), cos, sin)[0, i, 0]
+        kj = apply_rope(k.expand(1, 36, 1, d), cos, sin)[0, j, 0]
+        return float(qi @ kj)
+
+    idx = lambda t, h, w: t * 9 + h * 3 + w  # noqa: E731
+    assert score(idx(0, 0, 0), idx(1, 1, 0)) == pytest.approx(score(idx(2, 1, 1), idx(3, 2, 1)), abs=1e-5)
+    assert score(idx(0, 0, 0), idx(1, 1, 0)) != pytest.approx(score(idx(0, 0, 0), idx(1, 0, 1)), abs=1e-3)
+
+
+@pytest.mark.parametrize("attention", ["factorized", "full"])
+def test_dit_shapes_and_conditioning(attention):
+    cfg = tiny_config(attention)
+    _, dit = build_models(cfg)
+    x, ref = torch.randn(2, 4, 3, 4, 6), torch.randn(2, 4, 1, 4, 6)
+    t = torch.tensor([900.0, 10.0])
+    with torch.no_grad():
+        v = dit(x, t, ref)
+        assert v.shape == x.shape
+        assert not torch.allclose(v, dit(x, t, torch.zeros_like(ref)))  # the reference matters
+        assert not torch.allclose(v, dit(x, t.flip(0), ref))  # the timestep matters
+
+
+def test_seeded_init_is_deterministic():
+    a, b = build_models(tiny_config())[1], build_models(tiny_config())[1]
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_checkpoint_round_trip(tmp_path):
+    cfg = tiny_config()
+    vae, dit = build_models(cfg)
+    with torch.no_grad():
+        dit.proj_out.weight.mul_(2.0)
+        vae.latent_std.fill_(0.7)
+    path = tmp_path / "w.safetensors"
+    save_checkpoint(path, vae, dit, cfg)
+    vae2, dit2 = build_models(cfg, checkpoint=path)
+    assert torch.equal(dit2.proj_out.weight, dit.proj_out.weight)
+    assert torch.equal(vae2.latent_std, vae.latent_std)
+
+
+def test_checkpoint_errors(tmp_path):
+    cfg = tiny_config()
+    vae, dit = build_models(cfg)
+    with pytest.raises(WanError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.safetensors", vae, dit)
+    pickle = tmp_path / "w.pt"
+    pickle.write_bytes(b"\x80\x04not really")
+    with pytest.raises(WanError, match="only safetensors"):
+        load_checkpoint(pickle, vae, dit)
+    corrupt = tmp_path / "bad.safetensors"
+    corrupt.write_bytes(b"garbage")
+    with pytest.raises(WanError, match="cannot be read"):
+        load_checkpoint(corrupt, vae, dit)
+    other = tmp_path / "other.safetensors"  # full attention has no temporal block
+    full_vae, full_dit = build_models(tiny_config("full"))
+    save_checkpoint(other, full_vae, full_dit, tiny_config("full"))
+    with pytest.raises(WanError, match="missing dit"):
+        load_checkpoint(other, vae, dit)
+
+
+def test_shape_only_preset_is_never_built():
+    cfg = PRESETS["wan2.2-5b"]
+    assert cfg.geometry.pixels_per_token == (32, 32) and cfg.dit.head_dim == 128
+    with pytest.raises(WanError, match="analytic"):
+        build_models(cfg)
+
+
+def test_config_json(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"preset": "tiny", "dit": {"num_layers": 3}}))
+    cfg = load_config(path)
+    assert cfg.dit.num_layers == 3 and cfg.vae == PRESETS["tiny"].vae
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    path.write_text(json.dumps({"preset": "tiny", "dit": {"layers": 3}}))
+    with pytest.raises(WanError, match="unknown key"):
+        load_config(path)
+    path.write_text(json.dumps({"preset": "tiny", "video": {"height": 100}}))
+    with pytest.raises(WanError, match="height 100"):
+        load_config(path)
+    path.write_text("{not json")
+    with pytest.raises(WanError, match="not valid JSON"):
+        load_config(path)
+    bad = dataclasses.replace(PRESETS["tiny"], dit=dataclasses.replace(PRESETS["tiny"].dit, num_heads=5))
+    with pytest.raises(WanError, match="divisible"):
+        bad.validate()
