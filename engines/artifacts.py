@@ -32,14 +32,20 @@ class ArtifactWriter:
         if self.target.exists() and not force:
             raise WanError(f"output directory '{self.target}' already exists; pass --force to "
                            "replace it (it is replaced only after the new build succeeds)")
-        if not self.target.parent.is_dir():
-            raise WanError(f"parent directory '{self.target.parent}' of the output does not exist")
         if self.target.exists() and not self.target.is_dir():
             raise WanError(f"output '{self.target}' exists and is not a directory")
+        blocker = next((p for p in self.target.parents if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise WanError(f"cannot create '{self.target}': '{blocker}' is not a directory")
         self.staging = self.target.parent / f".{self.target.name}.partial-{os.getpid()}"
+        self.created_parents: list[Path] = []  # removed again if the build fails
         self.committed = False
 
     def __enter__(self) -> "ArtifactWriter":
+        for parent in reversed(self.target.parents):
+            if not parent.exists():
+                parent.mkdir()
+                self.created_parents.append(parent)
         if self.staging.exists():
             shutil.rmtree(self.staging)
         self.staging.mkdir()
@@ -48,6 +54,11 @@ class ArtifactWriter:
     def __exit__(self, *exc) -> None:
         if not self.committed:
             shutil.rmtree(self.staging, ignore_errors=True)
+            for parent in reversed(self.created_parents):
+                try:
+                    parent.rmdir()
+                except OSError:  # something else was put there meanwhile: keep it
+                    break
 
     def path(self, rel: str) -> Path:
         p = self.staging / rel

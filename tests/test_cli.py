@@ -70,7 +70,7 @@ def test_wan_export_help_and_refusal(tiny_dir):
 
 
 def test_wan_export_happy_path(tmp_path):
-    out = tmp_path / "art"
+    out = tmp_path / "new" / "art"  # missing parents are created
     r = run("wan-export", "--preset", "tiny", "--attention", "full", "--out", out)
     assert r.returncode == 0, r.stderr
     assert (out / "manifest.json").is_file() and "full attention" in r.stdout

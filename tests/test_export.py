@@ -85,6 +85,14 @@ def test_force_replaces_only_after_success(tiny_dir, tmp_path, monkeypatch):
     load_manifest(target, verify="full")  # the old build is intact
 
 
-def test_missing_parent_directory(tmp_path):
-    with pytest.raises(WanError, match="does not exist"):
-        build_artifacts(tiny_config(), tmp_path / "no" / "such" / "dir")
+def test_failed_export_removes_the_parents_it_created(tmp_path, monkeypatch):
+    monkeypatch.setattr(build_mod, "export_stage", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        build_artifacts(tiny_config(), tmp_path / "new" / "deeper" / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_below_a_file_is_refused(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(WanError, match="is not a directory"):
+        build_artifacts(tiny_config(), tmp_path / "file" / "out")
