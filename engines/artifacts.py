@@ -87,5 +87,5 @@ class ArtifactWriter:
             shutil.rmtree(old, ignore_errors=True)
         # The files were just hashed: record their stamps so the first run does not hash again.
         write_verified(self.target, {rel: [*stat_stamp(self.target / rel), d] for rel, d in stamps.items()})
-        log.info("wrote %s (%d files)", self.target, len(files))
+        log.debug("wrote %s (%d files)", self.target, len(files))
         return manifest

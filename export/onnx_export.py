@@ -68,6 +68,11 @@ def export_stage(module: torch.nn.Module, spec: StageSpec, symbols: dict[str, Sy
     t0 = time.perf_counter()
     # The exporter narrates every pass on stdout; keep it for --debug only.
     quiet = io.StringIO()
+    # torch.onnx also warns through logging about optional packages (torchvision) it never needs.
+    torch_onnx_log = logging.getLogger("torch.onnx")
+    level = torch_onnx_log.level
+    if not log.isEnabledFor(logging.DEBUG):
+        torch_onnx_log.setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -76,6 +81,7 @@ def export_stage(module: torch.nn.Module, spec: StageSpec, symbols: dict[str, Sy
             output_names=[t.name for t in spec.outputs],
             dynamic_shapes=torch_dynamic_shapes(spec, symbols),
         )
+    torch_onnx_log.setLevel(level)
     log.debug(quiet.getvalue())
     model = program.model_proto
     name_axes(model, spec)
