@@ -36,9 +36,31 @@ errors go into manifest.json, and a stage over its tolerance fails the build.
               help="Override the DiT attention of the preset/config.")
 @click.option("--opset", type=click.IntRange(17, 23), default=20, show_default=True,
               help="ONNX opset (20: every ONNX Runtime and TensorRT 10.x).")
+@click.option("--precision", "precision_list", default="fp32", show_default=True,
+              help="Comma-separated precisions to build: fp32, fp16, int8 (fp32 is always built).")
+@click.option("--int8-float-layers", multiple=True, metavar="PATTERN",
+              help="Module-path glob kept float in int8 graphs (repeatable; replaces the defaults: "
+                   "DiT embedders/patch embedding/head, first and last VAE convs). 'none': quantize all.")
+@click.option("--tensorrt", is_flag=True, help="Also build a TensorRT .plan per stage and precision.")
+@click.option("--trt-flavour", type=click.Choice(["auto", "tensorrt", "tensorrt-rtx"]), default="auto",
+              show_default=True, help="Full TensorRT or TensorRT for RTX (builds without a GPU).")
+@click.option("--min", "min_shape", metavar="FxHxW", help="Smallest video an engine accepts "
+              "(default: 1 frame at half the preset size).")
+@click.option("--opt", "opt_shape", metavar="FxHxW", help="Video size engines are tuned for "
+              "(default: the preset's).")
+@click.option("--max", "max_shape", metavar="FxHxW", help="Largest video an engine accepts "
+              "(default: twice the preset's frames-1 and size, within the exported range).")
+@click.option("--builder-optimization-level", type=click.IntRange(0, 5), default=3, show_default=True,
+              help="TensorRT builder optimization level (higher: slower build, maybe faster engine).")
+@click.option("--compute-capability", multiple=True, metavar="SMxx",
+              help="TensorRT-RTX target GPU architectures (repeatable), e.g. SM86 SM89.")
+@click.option("--timing-cache", type=click.Path(path_type=str),
+              help="TensorRT timing cache to load and update (default: one inside the artifacts).")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--debug", is_flag=True, help="Tracebacks and the exporter's own logging.")
-def main(preset, config_path, checkpoint, out, attention, opset, force, debug):
+def main(preset, config_path, checkpoint, out, attention, opset, precision_list, int8_float_layers,
+         tensorrt, trt_flavour, min_shape, opt_shape, max_shape, builder_optimization_level,
+         compute_capability, timing_cache, force, debug):
     """Export the reference model's three stages to validated ONNX graphs and a manifest."""
     from export.config import get_preset, load_config
 
@@ -52,10 +74,44 @@ def main(preset, config_path, checkpoint, out, attention, opset, force, debug):
     except ImportError as exc:
         raise WanError(f"wan-export needs the build tools ({exc.name} is missing): "
                        "pip install 'wan-export[export]'")
-    manifest = build_artifacts(cfg, out, checkpoint=checkpoint, force=force, opset=opset)
+    precisions = tuple(p.strip() for p in precision_list.split(",") if p.strip())
+    layers = None
+    if int8_float_layers:
+        layers = () if list(int8_float_layers) == ["none"] else tuple(int8_float_layers)
+    engines = engine_options(cfg, min_shape, opt_shape, max_shape, trt_flavour,
+                             builder_optimization_level, compute_capability, timing_cache) if tensorrt else None
+    manifest = build_artifacts(cfg, out, checkpoint=checkpoint, force=force, opset=opset,
+                               precisions=precisions, int8_float_layers=layers, engines=engines)
     size = sum(f["size"] for f in manifest.files.values()) / 1e6
-    click.echo(f"wrote {out}: {cfg.name} ({cfg.dit.attention} attention), "
-               f"{len(manifest.stages)} stages, {size:.1f} MB")
+    click.echo(f"wrote {out}: {cfg.name} ({cfg.dit.attention} attention), {len(manifest.stages)} "
+               f"stages at {', '.join(manifest.precisions())}, {size:.1f} MB")
+    for p, q in manifest.quality.items():
+        stages = ", ".join(f"{n} {e:.1e}" for n, e in q["stage_max_rel"].items())
+        click.echo(f"  {p}: {q['psnr_db']:.1f} dB vs fp32 (bar {q['bar_db']:g}), VAE {q['vae']}; "
+                   f"stage rel err: {stages}")
+    if engines is not None:
+        click.echo(f"  TensorRT ({manifest.tools['tensorrt_flavour']} {manifest.tools['tensorrt']}) "
+                   f"engines: profile {engines.min_shape} / {engines.opt_shape} / {engines.max_shape}")
+
+
+def engine_options(cfg, min_shape, opt_shape, max_shape, flavour, level, targets, timing_cache):
+    """Engine profile shapes from the flags, defaulting around the preset's video."""
+    from pathlib import Path
+
+    from engines.tensorrt import EngineOptions, VideoShape
+
+    v = cfg.video
+    half = lambda n: max(16, n // 2 // 16 * 16)  # noqa: E731 - keep multiples of 16
+    default_min = VideoShape(1, half(v.height), half(v.width))
+    default_opt = VideoShape(v.frames, v.height, v.width)
+    default_max = VideoShape(min(2 * v.frames - 1, v.max_frames), min(2 * v.height, v.max_height),
+                             min(2 * v.width, v.max_width))
+    return EngineOptions(
+        min_shape=VideoShape.parse(min_shape, "--min") if min_shape else default_min,
+        opt_shape=VideoShape.parse(opt_shape, "--opt") if opt_shape else default_opt,
+        max_shape=VideoShape.parse(max_shape, "--max") if max_shape else default_max,
+        flavour=flavour, builder_optimization_level=level,
+        compute_capabilities=tuple(targets), timing_cache=Path(timing_cache) if timing_cache else None)
 
 
 entry_point = run_cli(main, "wan-export")

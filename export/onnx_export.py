@@ -16,10 +16,11 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 
+from engines import graph
+from engines.quality import compare, worst
 from runtime.stages import StageSpec, SymbolRange
 
 log = logging.getLogger(__name__)
@@ -85,18 +86,9 @@ def export_stage(module: torch.nn.Module, spec: StageSpec, symbols: dict[str, Sy
     log.debug(quiet.getvalue())
     model = program.model_proto
     name_axes(model, spec)
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=f"{path.name}.data")
+    graph.save(model, path)
     onnx.checker.check_model(str(path))
     log.debug("exported %s in %.1f s", path.name, time.perf_counter() - t0)
-
-
-def compare(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
-    """Max abs error and max abs error relative to the reference's largest magnitude."""
-    err = float(np.max(np.abs(reference.astype(np.float64) - candidate.astype(np.float64))))
-    scale = float(np.max(np.abs(reference))) or 1.0
-    finite = bool(np.isfinite(candidate).all())
-    return {"max_abs": err, "max_rel": err / scale, "finite": finite}
 
 
 def validate_stage(module: torch.nn.Module, spec: StageSpec, path: Path,
@@ -105,19 +97,15 @@ def validate_stage(module: torch.nn.Module, spec: StageSpec, path: Path,
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    worst = {"max_abs": 0.0, "max_rel": 0.0, "finite": True}
-    shapes = []
+    results, shapes = [], []
     for seed, env in enumerate((EXPORT_ENV, SECOND_ENV)):
         inputs = spec.sample_inputs(env, seed=seed)
         with torch.no_grad():
             ref = module(*(torch.from_numpy(inputs[t.name]) for t in spec.inputs))
         ref = ref if isinstance(ref, tuple) else (ref,)
         got = session.run([t.name for t in spec.outputs], inputs)
-        for r, g in zip(ref, got):
-            m = compare(r.numpy(), g)
-            worst = {"max_abs": max(worst["max_abs"], m["max_abs"]),
-                     "max_rel": max(worst["max_rel"], m["max_rel"]),
-                     "finite": worst["finite"] and m["finite"]}
+        results.extend(compare(r.numpy(), g) for r, g in zip(ref, got))
         shapes.append({t.name: list(t.shape(env)) for t in spec.inputs})
-    return {**worst, "tolerance": tolerance, "metric": "max_abs / max|torch|",
-            "passed": worst["finite"] and worst["max_rel"] <= tolerance, "shapes": shapes}
+    w = worst(results)
+    return {**w, "tolerance": tolerance, "metric": "max_abs / max|torch|",
+            "passed": w["finite"] and w["max_rel"] <= tolerance, "shapes": shapes}

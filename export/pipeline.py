@@ -85,9 +85,9 @@ class ReferencePipeline:
         return v_u + guidance * (v_c - v_u)
 
     @torch.no_grad()
-    def generate(self, image: np.ndarray, noise: np.ndarray, steps: int, guidance: float,
-                 shift: float, solver: str) -> torch.Tensor:
-        """image uint8 (H, W, 3), noise (1, C, F, h, w) -> decoded video (1, 3, T, H, W) in [-1, 1]."""
+    def sample(self, image: np.ndarray, noise: np.ndarray, steps: int, guidance: float,
+               shift: float, solver: str) -> torch.Tensor:
+        """image uint8 (H, W, 3), noise (1, C, F, h, w) -> clean latent (1, C, F, h, w)."""
         ref_latent = self.vae.encode(to_unit(image[None]))  # (1, C, 1, h, w)
         x = torch.from_numpy(noise).float()
         sigmas = flow_sigmas(steps, shift)
@@ -95,4 +95,10 @@ class ReferencePipeline:
         for i in range(steps):
             v = self.velocity(x, float(sigmas[i]), ref_latent, guidance)
             x, x0 = step(x, v, sigmas, i, x0)
-        return self.vae.decode(x)
+        return x
+
+    @torch.no_grad()
+    def generate(self, image: np.ndarray, noise: np.ndarray, steps: int, guidance: float,
+                 shift: float, solver: str) -> torch.Tensor:
+        """`sample`, then decode: video (1, 3, T, H, W) in [-1, 1]."""
+        return self.vae.decode(self.sample(image, noise, steps, guidance, shift, solver))

@@ -20,10 +20,15 @@ from runtime.stages import StageSpec
 log = logging.getLogger(__name__)
 
 
+BACKENDS = ("onnxruntime", "tensorrt")
+
+
 def available_providers() -> list[str]:
-    """CUDA when onnxruntime-gpu has it, else the CPU (TensorRT engines are a separate backend)."""
+    """TensorRT or CUDA execution providers when onnxruntime-gpu has them, else the CPU.
+    (ONNX Runtime falls through the list when a provider cannot start.)"""
     have = ort.get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in have]
+    wanted = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+    return [p for p in wanted if p in have]
 
 
 @dataclass
@@ -60,3 +65,33 @@ def open_stages(root: Path, manifest: Manifest, precision: str = "fp32",
         sessions[name] = StageSession(stage.spec, session)
     log.debug("opened %s stages with %s", precision, providers)
     return sessions
+
+
+class OnnxRuntimeBackend:
+    """Stage sessions on ONNX Runtime; arrays are numpy arrays on the host."""
+
+    xp = np
+
+    def __init__(self, root: Path, manifest: Manifest, precision: str = "fp32",
+                 threads: int | None = None):
+        self.stages = open_stages(root, manifest, precision, threads)
+
+    @staticmethod
+    def to_device(a: np.ndarray) -> np.ndarray:
+        return a
+
+    @staticmethod
+    def to_host(a) -> np.ndarray:
+        return np.asarray(a)
+
+
+def open_backend(name: str, root: Path, manifest: Manifest, precision: str,
+                 threads: int | None = None):
+    """The backend `name` ("onnxruntime" or "tensorrt") over `root`'s artifacts."""
+    if name == "onnxruntime":
+        return OnnxRuntimeBackend(root, manifest, precision, threads)
+    if name == "tensorrt":
+        from runtime.tensorrt_backend import TensorRTBackend
+
+        return TensorRTBackend(root, manifest, precision)
+    raise WanError(f"backend {name!r} is not one of {', '.join(BACKENDS)}")

@@ -42,6 +42,9 @@ artifact's manifest (the preset it was exported from). The same seed gives the s
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32",
               show_default=True,
               help="Which built precision of the graphs to run.")
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
+              show_default=True, help="onnxruntime (CPU, or CUDA with onnxruntime-gpu) or tensorrt "
+              "(the .plan engines of wan-export --tensorrt; needs an NVIDIA GPU).")
 @click.option("--threads", type=int, help="CPU threads for ONNX Runtime (default: all cores).")
 @click.option("--verify", type=click.Choice(["auto", "full", "none"]), default="auto",
               show_default=True,
@@ -50,7 +53,7 @@ artifact's manifest (the preset it was exported from). The same seed gives the s
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or timing table.")
 @click.option("--debug", is_flag=True, help="Tracebacks and debug logging.")
 def main(artifacts, image, output, frames, height, width, steps, guidance, shift, solver, seed,
-         fps, precision, threads, verify, overwrite, quiet, debug):
+         fps, precision, backend, threads, verify, overwrite, quiet, debug):
     """Generate a video that animates a reference image, from a wan-export artifact directory."""
     from runtime.media import check_output, load_image, write_video
     from runtime.pipeline import Pipeline
@@ -60,7 +63,8 @@ def main(artifacts, image, output, frames, height, width, steps, guidance, shift
         raise WanError(f"threads {threads} is not allowed: use a whole number >= 1")
     if fps is not None and fps < 1:
         raise WanError(f"fps {fps} is not allowed: use a whole number >= 1")
-    pipe = Pipeline.from_dir(artifacts, precision=precision, verify=verify, threads=threads)
+    pipe = Pipeline.from_dir(artifacts, precision=precision, backend=backend, verify=verify,
+                             threads=threads)
     req = pipe.check_request(frames, height, width, steps, guidance, shift, solver, seed)
     ref = load_image(image, req.height, req.width)
 

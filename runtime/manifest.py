@@ -21,7 +21,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.errors import WanError
@@ -50,14 +50,23 @@ def stat_stamp(path: Path) -> list[int]:
 
 @dataclass(frozen=True)
 class Artifact:
-    """One stage built at one precision: the graph file and how it validated."""
+    """One stage built at one precision: the graph file, how it was made and how it measured."""
 
     precision: str
-    path: str  # relative to the artifact directory
-    validation: dict  # measured errors vs PyTorch, the tolerance, the shapes checked
+    path: str  # relative to the artifact directory; a reduced precision may reuse the fp32 graph
+    validation: dict  # measured errors (fp32: vs PyTorch; fp16/int8: vs the fp32 graph)
+    details: dict = field(default_factory=dict)  # the recipe: fp32 islands, Q/DQ settings, ...
+    engine: dict | None = None  # TensorRT .plan: path, size, profile, builder, targets
 
     def to_dict(self) -> dict:
-        return {"path": self.path, "validation": self.validation}
+        out = {"path": self.path, "validation": self.validation, "details": self.details}
+        if self.engine is not None:
+            out["engine"] = self.engine
+        return out
+
+    @classmethod
+    def from_dict(cls, precision: str, d: dict) -> "Artifact":
+        return cls(precision, d["path"], d["validation"], d.get("details", {}), d.get("engine"))
 
 
 @dataclass(frozen=True)
@@ -78,6 +87,8 @@ class Manifest:
     stages: dict[str, Stage]
     files: dict[str, dict]  # relative path -> {"sha256", "size"}
     tools: dict[str, str]
+    quality: dict = field(default_factory=dict)  # precision -> per-stage error, end-to-end PSNR
+    calibration: dict | None = None  # how calibration data was made (reduced precisions)
     format: str = FORMAT
 
     def to_dict(self) -> dict:
@@ -96,6 +107,8 @@ class Manifest:
             },
             "files": self.files,
             "tools": self.tools,
+            "quality": self.quality,
+            "calibration": self.calibration,
         }
 
     @classmethod
@@ -103,7 +116,7 @@ class Manifest:
         stages = {
             name: Stage(
                 StageSpec.from_dict(name, s["spec"]),
-                {p: Artifact(p, a["path"], a["validation"]) for p, a in s["artifacts"].items()},
+                {p: Artifact.from_dict(p, a) for p, a in s["artifacts"].items()},
             )
             for name, s in d["stages"].items()
         }
@@ -118,6 +131,8 @@ class Manifest:
             stages=stages,
             files=d["files"],
             tools=d["tools"],
+            quality=d.get("quality", {}),
+            calibration=d.get("calibration"),
             format=d["format"],
         )
 

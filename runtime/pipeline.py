@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from runtime.backends import StageSession, open_stages
+from runtime.backends import open_backend
 from runtime.errors import WanError
 from runtime.manifest import Manifest, load_manifest
 from runtime.solvers import SOLVERS, flow_sigmas, guided, timestep
@@ -81,16 +81,20 @@ def to_uint8(video: np.ndarray) -> np.ndarray:
 
 
 class Pipeline:
-    def __init__(self, root: Path, manifest: Manifest, stages: dict[str, StageSession]):
-        self.root, self.manifest, self.stages = root, manifest, stages
+    """Arrays between stages live where the backend keeps them (`backend.xp`: numpy for ONNX
+    Runtime, cupy on the GPU for TensorRT); only the image goes in and the video comes out."""
+
+    def __init__(self, root: Path, manifest: Manifest, backend):
+        self.root, self.manifest, self.backend = root, manifest, backend
+        self.stages, self.xp = backend.stages, backend.xp
 
     @classmethod
-    def from_dir(cls, path: str | Path, precision: str = "fp32", verify: str = "auto",
-                 threads: int | None = None) -> "Pipeline":
+    def from_dir(cls, path: str | Path, precision: str = "fp32", backend: str = "onnxruntime",
+                 verify: str = "auto", threads: int | None = None) -> "Pipeline":
         """Load an artifact directory written by wan-export; `verify` as in `load_manifest`."""
         root = Path(path)
         manifest = load_manifest(root, verify)
-        return cls(root, manifest, open_stages(root, manifest, precision, threads))
+        return cls(root, manifest, open_backend(backend, root, manifest, precision, threads))
 
     # -- validation -----------------------------------------------------------------------
 
@@ -135,24 +139,25 @@ class Pipeline:
     # -- stages ---------------------------------------------------------------------------
 
     def encode_reference(self, image: np.ndarray) -> np.ndarray:
-        """uint8 (H, W, 3) -> normalized reference latent (1, C, 1, h, w)."""
-        return self.stages["vae_encoder"](video=to_unit(image[None]))["latent"]
+        """uint8 (H, W, 3) -> normalized reference latent (1, C, 1, h, w), on the backend."""
+        return self.stages["vae_encoder"](video=self.backend.to_device(to_unit(image[None])))["latent"]
 
     def noise(self, req: Request) -> np.ndarray:
         """The initial latent noise for a request: same seed, same noise, on every machine."""
         env = self.manifest.geometry.env(1, req.frames, req.height, req.width)
         shape = self.stages["dit"].spec.inputs[0].shape(env)
-        return np.random.default_rng(req.seed).standard_normal(shape, dtype=np.float32)
+        noise = np.random.default_rng(req.seed).standard_normal(shape, dtype=np.float32)
+        return self.backend.to_device(noise)  # drawn on the host: the same on every backend
 
     def velocity(self, x: np.ndarray, sigma: float, ref_latent: np.ndarray, guidance: float):
         """One DiT call; with guidance != 1 the conditional and null-reference branches run as
         one batch-2 call (the null reference is an all-zero latent)."""
-        dit = self.stages["dit"]
-        t = np.full((1,), timestep(sigma), dtype=np.float32)
+        dit, xp = self.stages["dit"], self.xp
+        t = xp.full((1,), timestep(sigma), dtype=xp.float32)
         if guidance == 1.0:
             return dit(latent=x, timestep=t, ref_latent=ref_latent)["velocity"]
-        v = dit(latent=np.concatenate([x, x]), timestep=np.concatenate([t, t]),
-                ref_latent=np.concatenate([ref_latent, np.zeros_like(ref_latent)]))["velocity"]
+        v = dit(latent=xp.concatenate([x, x]), timestep=xp.concatenate([t, t]),
+                ref_latent=xp.concatenate([ref_latent, xp.zeros_like(ref_latent)]))["velocity"]
         return guided(v[:1], v[1:], guidance)
 
     def denoise(self, ref_latent: np.ndarray, noise: np.ndarray, req: Request,
@@ -169,8 +174,8 @@ class Pipeline:
         return x
 
     def decode_video(self, latent: np.ndarray) -> np.ndarray:
-        """latent (1, C, F, h, w) -> float video (1, 3, T, H, W) in [-1, 1]."""
-        return self.stages["vae_decoder"](latent=latent)["video"]
+        """latent (1, C, F, h, w) -> float video (1, 3, T, H, W) in [-1, 1], on the host."""
+        return self.backend.to_host(self.stages["vae_decoder"](latent=latent)["video"])
 
     # -- whole generation -------------------------------------------------------------------
 
@@ -192,7 +197,7 @@ class Pipeline:
         t_start = time.perf_counter()
         ref_latent = self.encode_reference(image)
         timings.encode = time.perf_counter() - t_start
-        noise = self.noise(req) if noise is None else noise
+        noise = self.noise(req) if noise is None else self.backend.to_device(noise)
 
         def record(i: int, seconds: float) -> None:
             timings.dit.append(seconds)

@@ -1,0 +1,136 @@
+"""TensorRT backend: the artifact directory's `.plan` engines on an NVIDIA GPU.
+
+Latents stay on the GPU across steps (cupy arrays: the solvers and CFG are plain array
+arithmetic, so the numpy code runs on them unchanged), the three stages share one activation
+buffer (they never run at the same time; each context is created with user-managed memory and
+pointed at the same allocation), and CFG is one batch-2 call. Needs `tensorrt` or
+`tensorrt_rtx` (whichever built the engines) and `cupy`; without a GPU it refuses in one line.
+
+Before any engine is loaded, `check_engines` compares the manifest with this machine: the
+precision was built with engines, the TensorRT flavour and version match the builder's, and
+the GPU is one the engines were built for. Shapes are checked per call against each engine's
+profile, which the manifest records.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from runtime.errors import WanError
+from runtime.manifest import Manifest
+from runtime.stages import StageSpec
+
+log = logging.getLogger(__name__)
+
+MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
+
+
+def engines_of(manifest: Manifest, precision: str, root: Path) -> dict[str, dict]:
+    """Stage -> engine record for `precision`, or a one-line error saying what to rebuild."""
+    built = manifest.precisions()
+    if precision not in built:
+        raise WanError(f"precision {precision!r} was not built in '{root}' (built: {', '.join(built)}); "
+                       f"rebuild with wan-export --precision {precision} --tensorrt")
+    engines = {name: s.artifacts[precision].engine for name, s in manifest.stages.items()}
+    if any(e is None for e in engines.values()):
+        raise WanError(f"'{root}' has no TensorRT engines for {precision}; rebuild with "
+                       f"wan-export --precision {precision} --tensorrt")
+    return engines
+
+
+def check_engines(engines: dict[str, dict], root: Path, flavour: str, version: str,
+                  compute_capability: str) -> None:
+    """Refuse engines from another TensorRT flavour/version or built for another GPU.
+
+    `compute_capability` is this GPU's, as "SM86". Engines record their targets; "builder
+    default" (TensorRT-RTX without explicit targets) means every architecture it supports.
+    """
+    for name, e in engines.items():
+        b = e["builder"]
+        if b["flavour"] != flavour or b["version"] != version:
+            raise WanError(f"engine {e['path']} was built with {b['flavour']} {b['version']}, this "
+                           f"runtime has {flavour} {version}; rebuild '{root}' with wan-export --tensorrt")
+        targets = e["compute_capabilities"]
+        if "builder default" not in targets and compute_capability not in targets:
+            raise WanError(f"engine {e['path']} targets {', '.join(targets)}, this GPU is "
+                           f"{compute_capability}; rebuild '{root}' with wan-export --tensorrt "
+                           f"--compute-capability {compute_capability}")
+
+
+def check_profile(engine: dict, name: str, env: dict[str, int]) -> None:
+    """A shape outside the engine's optimization profile: say which value and the range."""
+    for sym, (lo, _, hi) in engine["symbols"].items():
+        if sym in env and not lo <= env[sym] <= hi:
+            raise WanError(f"{name} engine accepts {sym} from {lo} to {hi}, got {env[sym]}; "
+                           "rebuild with wan-export --tensorrt --min/--max covering this video")
+
+
+class TensorRTStage:
+    """One engine with its execution context; called with and returning cupy arrays."""
+
+    def __init__(self, name: str, spec: StageSpec, engine, record: dict, cp, stream):
+        self.name, self.spec, self.engine, self.record = name, spec, engine, record
+        self.cp, self.stream = cp, stream
+        self.context = None  # created by the backend with the shared activation buffer
+
+    def __call__(self, **inputs):
+        env = self.spec.bind(inputs)
+        check_profile(self.record, self.name, env)
+        ctx, cp = self.context, self.cp
+        for t in self.spec.inputs:
+            a = self.cp.ascontiguousarray(inputs[t.name])
+            inputs[t.name] = a  # keep alive until the call returns
+            ctx.set_input_shape(t.name, a.shape)
+            ctx.set_tensor_address(t.name, a.data.ptr)
+        outputs = {}
+        for t in self.spec.outputs:
+            outputs[t.name] = cp.empty(tuple(ctx.get_tensor_shape(t.name)), dtype=cp.float32)
+            ctx.set_tensor_address(t.name, outputs[t.name].data.ptr)
+        if not ctx.execute_async_v3(self.stream.ptr):
+            raise RuntimeError(f"TensorRT failed to run the {self.name} engine")
+        self.stream.synchronize()
+        return outputs
+
+
+class TensorRTBackend:
+    def __init__(self, root: Path, manifest: Manifest, precision: str = "fp32"):
+        engines = engines_of(manifest, precision, root)
+        flavour = next(iter(engines.values()))["builder"]["flavour"]
+        try:
+            trt = importlib.import_module(MODULES[flavour])
+            import cupy as cp
+        except ImportError as exc:
+            raise WanError(f"--backend tensorrt needs {exc.name} (pip install "
+                           f"'wan-export[tensorrt]', with the {flavour} flavour the engines were built with)")
+        try:
+            gpu = "SM" + cp.cuda.Device().compute_capability  # cupy gives e.g. "86"
+        except Exception as exc:  # cupy raises CUDARuntimeError without a driver or GPU
+            raise WanError(f"--backend tensorrt needs an NVIDIA GPU ({str(exc).splitlines()[0]})")
+        check_engines(engines, root, flavour, trt.__version__, gpu)
+        self.xp, self._cp = cp, cp
+        self.stream = cp.cuda.Stream(non_blocking=True)
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.stages = {}
+        for name, record in engines.items():
+            engine = runtime.deserialize_cuda_engine((root / record["path"]).read_bytes())
+            if engine is None:
+                raise WanError(f"TensorRT cannot load {record['path']} on this GPU; rebuild '{root}' "
+                               "with wan-export --tensorrt")
+            self.stages[name] = TensorRTStage(name, manifest.stages[name].spec, engine, record, cp, self.stream)
+        # One activation buffer for all stages: they run one after another, never together.
+        size = max(s.engine.device_memory_size_v2 for s in self.stages.values())
+        self._activations = cp.cuda.alloc(size)
+        for s in self.stages.values():
+            s.context = s.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+            s.context.set_device_memory(self._activations.ptr, size)
+        log.debug("TensorRT %s: shared activation buffer %.1f MB", precision, size / 1e6)
+
+    def to_device(self, a: np.ndarray):
+        return self._cp.asarray(a)
+
+    def to_host(self, a) -> np.ndarray:
+        return self._cp.asnumpy(a)
