@@ -8,6 +8,7 @@ import logging
 import numpy as np
 import pytest
 
+from engines.quality import psnr  # noqa: F401 - re-exported for the tests
 from export.config import PRESETS, ModelConfig
 
 
@@ -53,8 +54,3 @@ def reference_image() -> np.ndarray:
     disc = (yy - 28) ** 2 + (xx - 24) ** 2 < 14**2
     img[disc] = (230, 120, 40)
     return img
-
-
-def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(peak**2 / mse)
