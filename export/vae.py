@@ -20,16 +20,48 @@ import torch.nn.functional as F
 from export.config import VAEConfig
 
 
+class FrameCache:
+    """Time context for decoding a clip a few frames at a time (streaming).
+
+    Each causal conv with temporal kernel k needs the k-1 input frames before the current
+    chunk; the whole-clip decoder gets them by zero padding. A `FrameCache` carries them across
+    calls instead: convs read `inputs` in call order and append their new context to
+    `outputs`, which the next call takes as its `inputs`. `first` marks the chunk holding
+    frame 0 (zero context, and upsample3d drops the extra frame it makes of frame 0), so
+    chunk-by-chunk decoding reproduces the whole-clip result.
+    """
+
+    def __init__(self, inputs: list | None = None):
+        self.inputs, self.outputs, self._next = inputs, [], 0
+
+    @property
+    def first(self) -> bool:
+        return self.inputs is None
+
+    def context(self, x, frames: int):
+        """The `frames` input frames before x: cached, or zeros before frame 0."""
+        if self.inputs is None:
+            B, C, _, H, W = x.shape
+            return x.new_zeros((B, C, frames, H, W))
+        self._next += 1
+        return self.inputs[self._next - 1]
+
+
 class CausalConv3d(nn.Conv3d):
     """Conv3d padding time on the left only, so output frame t never sees input frames > t."""
 
     def __init__(self, in_dim, out_dim, kernel_size, stride=1, padding=0):
         super().__init__(in_dim, out_dim, kernel_size, stride, padding=0)
         pt, ph, pw = nn.modules.utils._triple(padding)
-        self._causal_pad = (pw, pw, ph, ph, 2 * pt, 0)  # F.pad order: W, H, then T (left only)
+        self.time_pad = 2 * pt
+        self._causal_pad = (pw, pw, ph, ph, self.time_pad, 0)  # F.pad order: W, H, then T (left only)
 
-    def forward(self, x):
-        return super().forward(F.pad(x, self._causal_pad))
+    def forward(self, x, cache: FrameCache | None = None):
+        if cache is None or self.time_pad == 0:
+            return super().forward(F.pad(x, self._causal_pad))
+        x = torch.cat([cache.context(x, self.time_pad), x], dim=2)  # (B, C, pad + n, H, W)
+        cache.outputs.append(x[:, :, -self.time_pad:])
+        return super().forward(F.pad(x, self._causal_pad[:4]))
 
 
 class RMS_norm(nn.Module):
@@ -53,8 +85,15 @@ class ResidualBlock(nn.Module):
         )
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
-    def forward(self, x):
-        return self.shortcut(x) + self.residual(x)
+    def forward(self, x, cache: FrameCache | None = None):
+        return self.shortcut(x) + run(self.residual, x, cache)
+
+
+def run(layers: nn.Sequential, x, cache: FrameCache | None):
+    """nn.Sequential's loop, handing the frame cache to the layers that take one."""
+    for layer in layers:
+        x = layer(x, cache) if isinstance(layer, (CausalConv3d, ResidualBlock, Resample)) else layer(x)
+    return x
 
 
 def per_frame(fn, x):
@@ -87,12 +126,13 @@ class Resample(nn.Module):
         elif mode == "downsample3d":
             self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1), padding=(1, 0, 0))
 
-    def forward(self, x):
+    def forward(self, x, cache: FrameCache | None = None):
         if self.mode == "upsample3d":
             B, C, T, H, W = x.shape
-            y = self.time_conv(x).reshape(B, 2, C, T, H, W)
-            y = torch.stack([y[:, 0], y[:, 1]], dim=3).reshape(B, C, 2 * T, H, W)  # interleave pairs
-            x = y[:, :, 1:]  # (B, C, 2T-1, H, W)
+            y = self.time_conv(x, cache).reshape(B, 2, C, T, H, W)
+            x = torch.stack([y[:, 0], y[:, 1]], dim=3).reshape(B, C, 2 * T, H, W)  # interleave pairs
+            if cache is None or cache.first:
+                x = x[:, :, 1:]  # (B, C, 2T-1, H, W): frame 0 makes one frame, not two
         x = per_frame(self.resample, x)
         if self.mode == "downsample3d":
             x = self.time_conv(x)  # (B, C, (T-1)/2 + 1, H, W)
@@ -143,8 +183,9 @@ class Decoder3d(nn.Module):
         self.head = nn.Sequential(RMS_norm(dims[-1], cfg.eps), nn.SiLU(),
                                   CausalConv3d(dims[-1], 3, 3, padding=1))
 
-    def forward(self, z):
-        return self.head(self.upsamples(self.middle(self.conv1(z))))
+    def forward(self, z, cache: FrameCache | None = None):
+        x = run(self.middle, self.conv1(z, cache), cache)
+        return run(self.head, run(self.upsamples, x, cache), cache)
 
 
 class WanVAE(nn.Module):
@@ -168,10 +209,14 @@ class WanVAE(nn.Module):
         mean, std = self._stats(mu)
         return (mu - mean) / std
 
-    def decode(self, latent):
-        """Normalized latent (B, z, F, h, w) -> video (B, 3, 4F-3, 8h, 8w) clamped to [-1, 1]."""
+    def decode(self, latent, cache: FrameCache | None = None):
+        """Normalized latent (B, z, F, h, w) -> video (B, 3, 4F-3, 8h, 8w) clamped to [-1, 1].
+
+        With a `FrameCache`, decodes a chunk that continues the clip the cache comes from:
+        the chunk holding frame 0 gives 4F-3 frames, later chunks 4F.
+        """
         mean, std = self._stats(latent)
-        return self.decoder(self.conv2(latent * std + mean)).clamp(-1.0, 1.0)
+        return self.decoder(self.conv2(latent * std + mean), cache).clamp(-1.0, 1.0)
 
 
 class VAEEncoderStage(nn.Module):
