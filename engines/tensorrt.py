@@ -21,7 +21,8 @@ from runtime.stages import Geometry, StageSpec, SymbolRange
 log = logging.getLogger(__name__)
 
 FLAVOURS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}  # flavour -> module
-STAGE_BATCH = {"vae_encoder": (1, 1, 1), "dit": (1, 2, 2), "vae_decoder": (1, 1, 1)}  # CFG: 2
+STAGE_BATCH = {"vae_encoder": (1, 1, 1), "dit": (1, 2, 2), "vae_decoder": (1, 1, 1),  # CFG: 2
+               "vae_decoder_first": (1, 1, 1), "vae_decoder_step": (1, 1, 1)}
 
 
 @dataclass(frozen=True)

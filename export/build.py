@@ -26,13 +26,14 @@ from engines.tensorrt import EngineOptions, build_engine, resolve_flavour, symbo
 from export.calibration import CalibrationConfig, capture, reference_image
 from export.config import ModelConfig
 from export.onnx_export import DEFAULT_OPSET, export_stage, validate_stage
-from export.vae import VAEDecoderStage, VAEEncoderStage
+from export.vae import (VAEDecoderFirstStage, VAEDecoderStage, VAEDecoderStepStage, VAEEncoderStage,
+                        decoder_cache_layout)
 from export.weights import build_models
 from runtime.backends import OnnxRuntimeBackend
 from runtime.errors import WanError
 from runtime.manifest import PRECISIONS, Artifact, Manifest, Stage
 from runtime.pipeline import Pipeline
-from runtime.stages import STAGE_NAMES, stage_specs
+from runtime.stages import STAGE_NAMES, STREAM_STAGE_NAMES, stage_specs, stream_decoder_specs
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def build_artifacts(cfg: ModelConfig, out: str | Path, checkpoint: str | Path | 
     precisions = tuple(p for p in PRECISIONS if p in precisions or p == "fp32")  # fp32 is the base
     if engines is not None:
         resolve_flavour(engines.flavour)  # fail before the slow work
-        for name in STAGE_NAMES:
+        for name in (*STAGE_NAMES, *STREAM_STAGE_NAMES):
             symbol_profile(engines, cfg.geometry, name, cfg.symbol_ranges())
     with ArtifactWriter(out, force) as writer:  # checks `out` before any slow work
         vae, dit = build_models(cfg, checkpoint)
@@ -97,17 +98,21 @@ def build_artifacts(cfg: ModelConfig, out: str | Path, checkpoint: str | Path | 
 
 
 def export_fp32(cfg: ModelConfig, vae, dit, writer: ArtifactWriter, opset: int) -> dict[str, Stage]:
-    modules = {"vae_encoder": VAEEncoderStage(vae), "dit": dit, "vae_decoder": VAEDecoderStage(vae)}
-    specs, symbols = stage_specs(cfg.geometry), cfg.symbol_ranges()
+    """The three stages plus the streaming decoder's two, exported and checked against PyTorch."""
+    modules = {"vae_encoder": VAEEncoderStage(vae), "dit": dit, "vae_decoder": VAEDecoderStage(vae),
+               "vae_decoder_first": VAEDecoderFirstStage(vae), "vae_decoder_step": VAEDecoderStepStage(vae)}
+    specs = {**stage_specs(cfg.geometry),
+             **stream_decoder_specs(cfg.geometry, decoder_cache_layout(vae))}
+    symbols = cfg.symbol_ranges()
     stages = {}
-    for i, name in enumerate(STAGE_NAMES, 1):
+    for i, name in enumerate(specs, 1):
         rel = f"onnx/fp32/{name}.onnx"
         t0 = time.perf_counter()
-        log.info("[%d/%d] %s: exporting", i, len(STAGE_NAMES), name)
+        log.info("[%d/%d] %s: exporting", i, len(specs), name)
         export_stage(modules[name], specs[name], symbols, writer.path(rel), opset)
         check = validate_stage(modules[name], specs[name], writer.path(rel))
         log.info("[%d/%d] %s: max abs err %.2e, rel %.2e (tolerance %.0e) in %.1f s",
-                 i, len(STAGE_NAMES), name, check["max_abs"], check["max_rel"],
+                 i, len(specs), name, check["max_abs"], check["max_rel"],
                  check["tolerance"], time.perf_counter() - t0)
         if not check["passed"]:
             raise WanError(f"stage {name}: ONNX Runtime differs from PyTorch by "
@@ -137,6 +142,10 @@ def build_reduced(precision: str, manifest: Manifest, root: Path, samples, holdo
             layers = int8.DEFAULT_FLOAT_LAYERS[name] if float_layers is None else float_layers
             details = int8.quantize(src, root / rel, samples[name], layers)
         manifest.stages[name].artifacts[precision] = Artifact(precision, rel, {}, details)
+    for name in STREAM_STAGE_NAMES:  # small per-frame graphs: fp32 at every precision
+        fp32 = manifest.stages[name].artifacts["fp32"]
+        manifest.stages[name].artifacts[precision] = Artifact(
+            precision, fp32.path, fp32.validation, {"kept": "fp32", "reason": "the streaming decoder runs in fp32"})
 
     fp32_pipe = Pipeline(root, manifest, OnnxRuntimeBackend(root, manifest, "fp32"))
     images = [reference_image(s, manifest.video["height"], manifest.video["width"])
@@ -191,7 +200,7 @@ def build_engines(manifest: Manifest, root: Path, opts: EngineOptions, precision
     cache = opts.timing_cache or root / "engines" / "timing.cache"
     built: dict[str, dict] = {}  # graph path -> engine: a graph reused across precisions is built once
     for p in precisions:
-        for name in STAGE_NAMES:
+        for name in manifest.stages:
             art = manifest.stages[name].artifacts[p]
             if art.path not in built:
                 plan = f"engines/{p}/{name}.plan"

@@ -10,6 +10,7 @@ which is what multi-GB models need anyway.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import time
@@ -37,15 +38,25 @@ SECOND_ENV = {"B": 1, "F": 1, "Hp": 3, "Wp": 2}
 FP32_TOLERANCE = 1e-4
 
 
-def torch_dynamic_shapes(spec: StageSpec, symbols: dict[str, SymbolRange]) -> dict:
+def torch_dynamic_shapes(spec: StageSpec, symbols: dict[str, SymbolRange]) -> tuple:
+    """One {axis: Dim} per input, in order (positional, so a `*caches` forward works too)."""
     dims = {s: torch.export.Dim(s, min=r.min, max=r.max) for s, r in symbols.items()}
-    shapes = {}
+    shapes = []
     for t in spec.inputs:
         axes = {}
         for i, d in enumerate(t.dims):
             if d.symbol is not None:
                 axes[i] = dims[d.symbol] * d.scale + d.offset if (d.scale, d.offset) != (1, 0) else dims[d.symbol]
-        shapes[t.name] = axes
+        shapes.append(axes)
+    return tuple(shapes)
+
+
+def _nest_varargs(module: torch.nn.Module, shapes: tuple) -> tuple:
+    """torch.export binds a `*caches` parameter as one tuple; shape it the same way."""
+    params = list(inspect.signature(module.forward).parameters.values())
+    for i, p in enumerate(params):
+        if p.kind is inspect.Parameter.VAR_POSITIONAL:
+            return (*shapes[:i], tuple(shapes[i:]))
     return shapes
 
 
@@ -80,7 +91,7 @@ def export_stage(module: torch.nn.Module, spec: StageSpec, symbols: dict[str, Sy
             module, args, dynamo=True, opset_version=opset,
             input_names=[t.name for t in spec.inputs],
             output_names=[t.name for t in spec.outputs],
-            dynamic_shapes=torch_dynamic_shapes(spec, symbols),
+            dynamic_shapes=_nest_varargs(module, torch_dynamic_shapes(spec, symbols)),
         )
     torch_onnx_log.setLevel(level)
     log.debug(quiet.getvalue())

@@ -239,3 +239,35 @@ class VAEDecoderStage(nn.Module):
 
     def forward(self, latent):
         return self.vae.decode(latent)
+
+
+class VAEDecoderFirstStage(nn.Module):
+    """Export wrapper: streaming decode of latent frame 0 -> (1 video frame, *caches)."""
+
+    def __init__(self, vae: WanVAE):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent):
+        cache = FrameCache()
+        return (self.vae.decode(latent, cache), *cache.outputs)
+
+
+class VAEDecoderStepStage(nn.Module):
+    """Export wrapper: streaming decode of one later latent frame -> (4 frames, *new caches)."""
+
+    def __init__(self, vae: WanVAE):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent, *caches):
+        cache = FrameCache(list(caches))
+        return (self.vae.decode(latent, cache), *cache.outputs)
+
+
+@torch.no_grad()
+def decoder_cache_layout(vae: WanVAE) -> list[tuple[int, int, int]]:
+    """(channels, frames, spatial scale per token row) of each streaming cache tensor, in order."""
+    cache = FrameCache()
+    vae.decode(torch.zeros(1, vae.cfg.z_dim, 1, 2, 2), cache)  # one token: latent 2x2
+    return [(t.shape[1], t.shape[2], t.shape[3]) for t in cache.outputs]

@@ -56,7 +56,7 @@ def main(artifacts, image, output, frames, height, width, steps, guidance, shift
          fps, precision, backend, threads, verify, overwrite, quiet, debug):
     """Generate a video that animates a reference image, from a wan-export artifact directory."""
     from runtime.media import check_output, load_image, write_video
-    from runtime.pipeline import Pipeline
+    from runtime.pipeline import Pipeline, Timings
 
     check_output(output, overwrite)  # fail on a bad output name before any slow work
     if threads is not None and threads < 1:
@@ -73,19 +73,20 @@ def main(artifacts, image, output, frames, height, width, steps, guidance, shift
         from tqdm import tqdm
 
         bar = tqdm(total=req.steps, desc="denoising", unit="step", file=sys.stderr, leave=False)
+    timings = Timings()
     try:
-        result = pipe.generate(ref, req.frames, req.height, req.width, req.steps, req.guidance,
-                               req.shift, req.solver, req.seed,
-                               on_step=(lambda i, s: bar.update(1)) if bar else None)
+        # Frames go to the writer as the streaming decoder makes them (written atomically:
+        # the output appears only once complete).
+        chunks = pipe.generate_chunks(ref, req, timings,
+                                      on_step=(lambda i, s: bar.update(1)) if bar else None)
+        path = write_video(chunks, output, fps=fps or pipe.manifest.sampler["fps"], overwrite=overwrite)
     finally:
         if bar is not None:
             bar.close()
-    path = write_video(result.frames, output, fps=fps or pipe.manifest.sampler["fps"],
-                       overwrite=overwrite)
     if not quiet:
         click.echo(f"wrote {path} ({req.frames} frames, {req.width}x{req.height}, "
                    f"{req.steps} steps, {req.solver}, guidance {req.guidance}, seed {req.seed})")
-        click.echo(result.timings.table())
+        click.echo(timings.table())
 
 
 entry_point = run_cli(main, "wan-run")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.errors import WanError
-from runtime.stages import STAGE_NAMES, Geometry, StageSpec, SymbolRange
+from runtime.stages import STAGE_NAMES, STREAM_STAGE_NAMES, Geometry, StageSpec, SymbolRange
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +160,9 @@ def load_manifest(root: str | os.PathLike, verify: str = "auto") -> Manifest:
         manifest = Manifest.from_dict(data)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise WanError(f"{path} is corrupt ({type(exc).__name__}: {exc}); rebuild with wan-export")
-    if set(manifest.stages) != set(STAGE_NAMES):
+    if not set(STAGE_NAMES) <= set(manifest.stages) <= {*STAGE_NAMES, *STREAM_STAGE_NAMES}:
         raise WanError(f"{path} lists stages {sorted(manifest.stages)}, expected "
-                       f"{list(STAGE_NAMES)}; rebuild with wan-export")
+                       f"{list(STAGE_NAMES)} (+ the streaming decoder); rebuild with wan-export")
     if verify != "none":
         verify_files(root, manifest.files, full=verify == "full")
     return manifest

@@ -6,6 +6,7 @@ a crash or Ctrl+C never leaves a half-written video or clobbers an existing one.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import numbers
 import os
@@ -14,7 +15,7 @@ import secrets
 import shutil
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import av
 import numpy as np
@@ -129,25 +130,42 @@ def _exists(path: Path) -> bool:
 
 
 def write_video(
-    frames: np.ndarray, path: PathLike, fps: int = 16, overwrite: bool = False
+    frames: np.ndarray | Iterable[np.ndarray], path: PathLike, fps: int = 16, overwrite: bool = False
 ) -> Path:
-    """Write uint8 frames (T, H, W, 3) as MP4, GIF or a PNG folder, atomically; return the path."""
-    _check_frames(frames)
+    """Write uint8 frames (T, H, W, 3) as MP4, GIF or a PNG folder, atomically; return the path.
+
+    `frames` may also be an iterable of such chunks (a streaming decoder's output): MP4 and PNG
+    frames are encoded as each chunk arrives, so the whole clip never has to be in memory.
+    """
+    chunks = iter([frames]) if isinstance(frames, np.ndarray) else iter(frames)
+    first = next(chunks, None)
+    if first is None:
+        raise ValueError("frames must not be empty, got no chunks")
+    _check_frames(first)
     if isinstance(fps, bool) or not isinstance(fps, numbers.Integral) or fps <= 0:
         raise WanError(f"fps {fps!r} is invalid; use a whole number of frames per second above 0")
     fps = int(fps)
     out = check_output(path, overwrite)
     kind = output_kind(path)
-    if kind == "mp4" and (frames.shape[1] % 2 or frames.shape[2] % 2):
-        raise ValueError(f"MP4 (yuv420p) needs an even frame size, got {frames.shape[1:3]}")
+    size = first.shape[1:3]
+    if kind == "mp4" and (size[0] % 2 or size[1] % 2):
+        raise ValueError(f"MP4 (yuv420p) needs an even frame size, got {size}")
+    count = [0]
+
+    def each_frame():
+        for chunk in itertools.chain([first], chunks):
+            _check_frames(chunk)
+            if chunk.shape[1:3] != size:
+                raise ValueError(f"frame chunks changed size from {size} to {chunk.shape[1:3]}")
+            count[0] += len(chunk)
+            yield from chunk
 
     if kind == "png":
-        _write_png_folder(frames, out, overwrite)
+        _write_png_folder(each_frame(), out, overwrite)
     else:
         writer = _write_mp4 if kind == "mp4" else _write_gif
-        _write_file_atomically(lambda tmp: writer(frames, tmp, fps), out, overwrite)
-    t, h, w = frames.shape[:3]
-    log.debug("wrote %d frames (%dx%d, %d fps) to %s", t, w, h, fps, out)
+        _write_file_atomically(lambda tmp: writer(each_frame(), size, tmp, fps), out, overwrite)
+    log.debug("wrote %d frames (%dx%d, %d fps) to %s", count[0], size[1], size[0], fps, out)
     return out
 
 
@@ -177,7 +195,7 @@ def _write_file_atomically(write: Callable[[Path], None], out: Path, overwrite: 
         raise
 
 
-def _write_png_folder(frames: np.ndarray, out: Path, overwrite: bool) -> None:
+def _write_png_folder(frames: Iterable[np.ndarray], out: Path, overwrite: bool) -> None:
     """Write frame_0000.png... into a temporary folder, then swap it in for `out`."""
     # os.mkdir (not tempfile.mkdtemp) so the folder gets normal permissions, not 0700.
     tmp = _unused_sibling(out, "partial")
@@ -230,9 +248,9 @@ def _refuse_if_appeared(out: Path, overwrite: bool) -> None:
         raise WanError(f"output '{out}' already exists; pass --overwrite to replace it")
 
 
-def _write_mp4(frames: np.ndarray, path: Path, fps: int) -> None:
+def _write_mp4(frames: Iterable[np.ndarray], size: tuple[int, int], path: Path, fps: int) -> None:
     """H.264 in MP4, tagged BT.709 limited range so players show the colours we encoded."""
-    _, height, width, _ = frames.shape
+    height, width = size
     time_base = Fraction(1, fps)
     # faststart puts the index first, so browsers can play before the download finishes.
     with av.open(str(path), mode="w", format="mp4", options={"movflags": "+faststart"}) as box:
@@ -254,8 +272,8 @@ def _write_mp4(frames: np.ndarray, path: Path, fps: int) -> None:
         box.mux(stream.encode())  # flush the frames the encoder still holds
 
 
-def _write_gif(frames: np.ndarray, path: Path, fps: int) -> None:
-    images = [Image.fromarray(frame) for frame in frames]
+def _write_gif(frames: Iterable[np.ndarray], size: tuple[int, int], path: Path, fps: int) -> None:
+    images = [Image.fromarray(frame) for frame in frames]  # GIF is written in one go
     # GIF stores delays in 1/100 s, so the frame rate is approximate.
     images[0].save(
         path,

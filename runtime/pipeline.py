@@ -18,7 +18,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -26,6 +26,7 @@ from runtime.backends import open_backend
 from runtime.errors import WanError
 from runtime.manifest import Manifest, load_manifest
 from runtime.solvers import SOLVERS, flow_sigmas, guided, timestep
+from runtime.stages import STREAM_STAGE_NAMES
 
 
 @dataclass(frozen=True)
@@ -173,8 +174,29 @@ class Pipeline:
                 on_step(i, time.perf_counter() - t0)
         return x
 
-    def decode_video(self, latent: np.ndarray) -> np.ndarray:
-        """latent (1, C, F, h, w) -> float video (1, 3, T, H, W) in [-1, 1], on the host."""
+    @property
+    def can_stream(self) -> bool:
+        return all(name in self.stages for name in STREAM_STAGE_NAMES)
+
+    def decode_stream(self, latent) -> Iterator[np.ndarray]:
+        """Decode frame by frame: yields float video chunks (1, 3, n, H, W) in [-1, 1] on the host,
+        1 frame for latent frame 0, then 4 per latent frame. Memory stays that of one chunk."""
+        first, step = self.stages["vae_decoder_first"], self.stages["vae_decoder_step"]
+        out = first(latent=self.xp.ascontiguousarray(latent[:, :, :1]))
+        for k in range(1, latent.shape[2] + 1):
+            yield self.backend.to_host(out.pop("video"))
+            if k == latent.shape[2]:
+                break
+            caches = {name.removeprefix("new_"): value for name, value in out.items()}
+            out = step(latent=self.xp.ascontiguousarray(latent[:, :, k:k + 1]), **caches)
+
+    def decode_video(self, latent, stream: bool | None = None) -> np.ndarray:
+        """latent (1, C, F, h, w) -> float video (1, 3, T, H, W) in [-1, 1], on the host.
+        Streams by default when the artifacts have the streaming decoder."""
+        if stream is None:
+            stream = self.can_stream
+        if stream:
+            return np.concatenate(list(self.decode_stream(latent)), axis=2)
         return self.backend.to_host(self.stages["vae_decoder"](latent=latent)["video"])
 
     # -- whole generation -------------------------------------------------------------------
@@ -194,6 +216,15 @@ class Pipeline:
             raise WanError(f"reference image array has {image.dtype} {image.shape}; expected "
                            f"uint8 ({req.height}, {req.width}, 3)")
         timings = Timings()
+        frames_out = np.concatenate(list(self.generate_chunks(image, req, timings, noise, on_step)))
+        return Generation(frames_out, timings, req)
+
+    def generate_chunks(self, image: np.ndarray, req: Request, timings: Timings,
+                        noise: np.ndarray | None = None,
+                        on_step: Callable[[int, float], None] | None = None) -> Iterator[np.ndarray]:
+        """Like `generate` for a checked request and a prepared image, but yields uint8 frame
+        chunks (n, H, W, 3) as the decoder makes them, so a writer can consume them at once.
+        `timings` is filled in as it goes (`total` once the last chunk is out)."""
         t_start = time.perf_counter()
         ref_latent = self.encode_reference(image)
         timings.encode = time.perf_counter() - t_start
@@ -205,11 +236,16 @@ class Pipeline:
                 on_step(i, seconds)
 
         latent = self.denoise(ref_latent, noise, req, record)
+        consumer = 0.0  # time spent outside this generator, by whoever takes the chunks
+        chunks = self.decode_stream(latent) if self.can_stream else iter([self.decode_video(latent)])
         t0 = time.perf_counter()
-        frames_out = to_uint8(self.decode_video(latent))
-        timings.decode = time.perf_counter() - t0
-        timings.total = time.perf_counter() - t_start
-        return Generation(frames_out, timings, req)
+        for chunk in chunks:
+            frames = to_uint8(chunk)
+            handed = time.perf_counter()
+            yield frames
+            consumer += time.perf_counter() - handed
+        timings.decode = time.perf_counter() - t0 - consumer
+        timings.total = time.perf_counter() - t_start - consumer
 
     def __call__(self, image, **kwargs) -> np.ndarray:
         """Generate and return uint8 frames (T, H, W, 3); see `generate` for the arguments."""

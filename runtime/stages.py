@@ -196,6 +196,9 @@ class SymbolRange:
 
 
 STAGE_NAMES = ("vae_encoder", "dit", "vae_decoder")
+# The streaming decoder: the chunk holding latent frame 0 (1 video frame), then one latent
+# frame per call (4 video frames), with the causal convs' time context passed as tensors.
+STREAM_STAGE_NAMES = ("vae_decoder_first", "vae_decoder_step")
 
 
 def stage_specs(geom: Geometry) -> dict[str, StageSpec]:
@@ -228,4 +231,27 @@ def stage_specs(geom: Geometry) -> dict[str, StageSpec]:
             inputs=(TensorSpec("latent", latent),),
             outputs=(TensorSpec("video", video, value_range=unit),),
         ),
+    }
+
+
+def stream_decoder_specs(geom: Geometry, cache_layout: list[tuple[int, int, int]]) -> dict[str, StageSpec]:
+    """Specs of the streaming decoder. `cache_layout` lists each cache tensor as (channels,
+    frames, spatial scale): shape (B, channels, frames, scale*Hp, scale*Wp)."""
+    ph, pw = geom.patch
+    sh, sw = geom.pixels_per_token
+    B = Dim("B")
+    latent = (B, Dim.fixed(geom.latent_channels), Dim.fixed(1), Dim("Hp", ph), Dim("Wp", pw))
+    caches = tuple(TensorSpec(f"cache_{i}", (B, Dim.fixed(c), Dim.fixed(f), Dim("Hp", k), Dim("Wp", k)))
+                   for i, (c, f, k) in enumerate(cache_layout))
+    new_caches = tuple(TensorSpec(f"new_cache_{i}", t.dims) for i, t in enumerate(caches))
+
+    def video(frames: int) -> TensorSpec:
+        return TensorSpec("video", (B, Dim.fixed(3), Dim.fixed(frames), Dim("Hp", sh), Dim("Wp", sw)),
+                          value_range=(-1.0, 1.0))
+
+    return {
+        "vae_decoder_first": StageSpec("vae_decoder_first", (TensorSpec("latent", latent),),
+                                       (video(1), *new_caches)),
+        "vae_decoder_step": StageSpec("vae_decoder_step", (TensorSpec("latent", latent), *caches),
+                                      (video(geom.temporal_stride), *new_caches)),
     }

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -22,8 +24,25 @@ def attention(request) -> str:
     return request.param
 
 
+def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    """Run a console script (`wan-run ...`, `wan-export ...`) through this interpreter."""
+    tool, rest = args[0], args[1:]
+    module = {"wan-run": "runtime.cli", "wan-export": "export.cli"}[tool]
+    code = f"import sys; from {module} import entry_point; sys.argv[0] = {tool!r}; entry_point()"
+    return subprocess.run([sys.executable, "-c", code, *map(str, rest)], capture_output=True,
+                          text=True, cwd=cwd, timeout=900)
+
+
 @pytest.fixture(scope="session")
-def exported(tmp_path_factory):
+def cli_export(tmp_path_factory):
+    """`wan-export --preset tiny --attention full` run as a user would (into a new folder);
+    the full-attention artifacts of the parity tests are this build."""
+    out = tmp_path_factory.mktemp("cli") / "new" / "tiny-full"
+    return run_cli("wan-export", "--preset", "tiny", "--attention", "full", "--out", out), out
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, request):
     """attention -> artifact directory of the tiny preset, built on first use."""
     from export.build import build_artifacts
 
@@ -32,8 +51,12 @@ def exported(tmp_path_factory):
 
     def get(attention: str = "factorized"):
         if attention not in built:
-            out = tmp_path_factory.mktemp("artifacts") / f"tiny-{attention}"
-            build_artifacts(tiny_config(attention), out)
+            if attention == "full":
+                result, out = request.getfixturevalue("cli_export")
+                assert result.returncode == 0, result.stderr
+            else:
+                out = tmp_path_factory.mktemp("artifacts") / f"tiny-{attention}"
+                build_artifacts(tiny_config(attention), out)
             built[attention] = out
         return built[attention]
 

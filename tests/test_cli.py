@@ -3,23 +3,13 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from runtime.media import read_video
-
-
-def run(*args, cwd=None):
-    """Run a console script through the interpreter running the tests."""
-    tool, rest = args[0], args[1:]
-    module = {"wan-run": "runtime.cli", "wan-export": "export.cli"}[tool]
-    code = f"import sys; from {module} import entry_point; sys.argv[0] = {tool!r}; entry_point()"
-    return subprocess.run([sys.executable, "-c", code, *map(str, rest)], capture_output=True,
-                          text=True, cwd=cwd, timeout=600)
+from tests.conftest import run_cli as run
 
 
 def one_line_error(result, *needles):
@@ -69,12 +59,11 @@ def test_wan_export_help_and_refusal(tiny_dir):
                    "analytic")
 
 
-def test_wan_export_happy_path(tmp_path):
-    out = tmp_path / "new" / "art"  # missing parents are created
-    r = run("wan-export", "--preset", "tiny", "--attention", "full", "--out", out)
+def test_wan_export_happy_path(cli_export):
+    r, out = cli_export  # into a folder whose parents did not exist
     assert r.returncode == 0, r.stderr
     assert (out / "manifest.json").is_file() and "full attention" in r.stdout
-    assert "[3/3] vae_decoder" in r.stderr  # progress per stage
+    assert "[5/5] vae_decoder_step" in r.stderr  # progress per stage
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,14 @@ from export import build as build_mod
 from export.build import build_artifacts
 from runtime.errors import WanError
 from runtime.manifest import load_manifest, sha256_file
-from runtime.stages import STAGE_NAMES
+from runtime.stages import STAGE_NAMES, STREAM_STAGE_NAMES
 from tests.conftest import tiny_config
 
 
 def test_manifest_contents(tiny_dir):
     data = json.loads((tiny_dir / "manifest.json").read_text())
     assert data["model"]["name"] == "tiny" and data["model"]["dit"]["attention"] == "factorized"
-    assert set(data["stages"]) == set(STAGE_NAMES)
+    assert set(data["stages"]) == {*STAGE_NAMES, *STREAM_STAGE_NAMES}
     assert data["latent"]["mean"] == [0.0] * 4 and data["latent"]["std"] == [1.0] * 4
     assert data["sampler"] == {"steps": 4, "shift": 5.0, "guidance": 5.0, "solver": "dpm++2m", "fps": 16}
     assert {"torch", "onnx", "opset", "onnxruntime"} <= set(data["tools"])

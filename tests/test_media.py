@@ -389,3 +389,19 @@ def test_load_image_rejects_bad_size(tmp_path):
     Image.fromarray(smooth_frames(t=1)[0]).save(path)
     with pytest.raises(WanError, match="height and width"):
         load_image(path, 0, 16)
+
+
+def test_write_video_takes_chunks_as_they_come(tmp_path):
+    """A generator of chunks (as the streaming decoder yields them) writes the same video."""
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (9, 32, 48, 3), dtype=np.uint8)
+    taken = []
+
+    def chunks():
+        for start, stop in ((0, 1), (1, 5), (5, 9)):
+            taken.append(stop)
+            yield frames[start:stop]
+
+    out = write_video(chunks(), tmp_path / "frames")
+    assert taken == [1, 5, 9]
+    np.testing.assert_array_equal(read_video(out), frames)
