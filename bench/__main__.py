@@ -1,0 +1,233 @@
+"""`python -m bench --preset small --out DIR`: the runtime against PyTorch and the hardware limit.
+
+Writes DIR/results.json (a list of records: stage, impl, median_ms, p90_ms, runs, shapes, and
+achieved GFLOP/s against the matmul peak measured in the same run), DIR/results.md and
+DIR/results.png. All implementations run on the same inputs in this process, back to back,
+with warm-up calls before the timed runs. Stages: the reference encode (1 frame), one DiT step
+(batch 2: CFG), the whole-clip decode, the streaming decode, and the whole pipeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import platform
+import tempfile
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+from bench.measure import decode_peak_rss_mb, flops, matmul_peak_gflops, timed
+from export.calibration import reference_image
+from export.config import get_preset
+from export.dit import WanDiT
+from export.pipeline import ReferencePipeline
+from export.vae import VAEDecoderStage, VAEEncoderStage
+from export.weights import build_models
+from runtime import Pipeline
+
+log = logging.getLogger("bench")
+
+
+def stage_inputs(pipe: Pipeline, cfg) -> dict[str, dict[str, np.ndarray]]:
+    v = cfg.video
+    g = pipe.manifest.geometry
+    specs = {n: s.spec for n, s in pipe.manifest.stages.items()}
+    return {
+        "vae_encoder": specs["vae_encoder"].sample_inputs(g.env(1, 1, v.height, v.width)),
+        "dit": specs["dit"].sample_inputs(g.env(2, v.frames, v.height, v.width)),
+        "vae_decoder": specs["vae_decoder"].sample_inputs(g.env(1, v.frames, v.height, v.width)),
+    }
+
+
+def run(cfg, out: Path, artifacts: Path, runs: int, compile_: bool, rss_frames: tuple[int, ...]) -> list[dict]:
+    records: list[dict] = []
+    peak = matmul_peak_gflops()
+    log.info("matmul peak: %.0f GFLOP/s", peak)
+    vae, dit = build_models(cfg)
+    modules = {"vae_encoder": VAEEncoderStage(vae), "dit": dit, "vae_decoder": VAEDecoderStage(vae)}
+    pipes = {p: Pipeline.from_dir(artifacts, precision=p) for p in Pipeline.from_dir(artifacts).manifest.precisions()}
+    inputs = stage_inputs(pipes["fp32"], cfg)
+    shapes = {n: {k: list(a.shape) for k, a in x.items()} for n, x in inputs.items()}
+    counted = {n: flops(modules[n], *(torch.from_numpy(a) for a in inputs[n].values())) for n in inputs}
+
+    def record(stage, impl, t, **extra):
+        r = {"stage": stage, "impl": impl, **t, **extra}
+        if stage in counted:
+            r.update(gflop=counted[stage] / 1e9, achieved_gflops=counted[stage] / 1e6 / t["median_ms"],
+                     peak_gflops=peak, shapes=shapes[stage])
+        records.append(r)
+        log.info("%-12s %-14s %9.1f ms", stage, impl, t["median_ms"])
+
+    torch_impls = {"torch-eager": modules}
+    if compile_:
+        try:
+            compiled = {n: torch.compile(m) for n, m in modules.items()}
+            with torch.no_grad():
+                for n, m in compiled.items():
+                    m(*(torch.from_numpy(a) for a in inputs[n].values()))
+            torch_impls["torch-compile"] = compiled
+        except Exception as exc:  # inductor needs a working C++ toolchain
+            records.append({"stage": "dit", "impl": "torch-compile", "median_ms": None,
+                            "error": str(exc).splitlines()[0][:200]})
+    for impl, mods in torch_impls.items():
+        for n, m in mods.items():
+            args = tuple(torch.from_numpy(a) for a in inputs[n].values())
+            with torch.no_grad():
+                record(n, impl, timed(lambda: m(*args), runs=runs))
+    for p, pipe in pipes.items():
+        for n in inputs:
+            stage, feed = pipe.stages[n], inputs[n]
+            record(n, f"ort-{p}", timed(lambda: stage(**feed), runs=runs))
+        if not pipe.can_stream:
+            continue
+        latent = inputs["vae_decoder"]["latent"]
+        t = timed(lambda: list(pipe.decode_stream(latent)), runs=runs)
+        records.append({"stage": "vae_decoder", "impl": f"ort-{p}-stream", **t, "shapes": shapes["vae_decoder"]})
+
+    # end to end: reference image -> video at the preset's defaults, same noise everywhere
+    v, s = cfg.video, cfg.sampler
+    image = reference_image(0, v.height, v.width)
+    req = pipes["fp32"].check_request()
+    noise = pipes["fp32"].noise(req)
+    ref = ReferencePipeline(vae, dit)
+    e2e_shape = {"frames": v.frames, "height": v.height, "width": v.width, "steps": s.steps}
+    record("end_to_end", "torch-eager", timed(lambda: ref.generate(image, noise, s.steps, s.guidance, s.shift, s.solver),
+                                              runs=runs), shapes=e2e_shape)
+    for p, pipe in pipes.items():
+        record("end_to_end", f"ort-{p}", timed(lambda: pipe(image, noise=noise), runs=runs), shapes=e2e_shape)
+
+    # decode peak memory as the clip grows (fresh process per measurement)
+    for frames in rss_frames:
+        for stream in (True, False):
+            rss = decode_peak_rss_mb(str(artifacts), frames, v.height, v.width, stream)
+            records.append({"stage": "vae_decoder", "impl": "ort-fp32-stream" if stream else "ort-fp32",
+                            "frames": frames, **rss})
+            log.info("decode %d frames %s: peak RSS %.0f MB (+%.0f MB decoding)", frames,
+                     "stream" if stream else "whole", rss["peak_rss_mb"], rss["decode_rss_mb"])
+    records.extend(scaling(cfg, runs))
+    return records
+
+
+def scaling(cfg, runs: int) -> list[dict]:
+    """DiT step FLOPs (and time, where small enough to run) vs frames and resolution,
+    factorized vs full attention; the wan2.2-5b shape is counted on the meta device only."""
+    out = []
+    for attention in ("factorized", "full"):
+        c = dataclasses.replace(cfg.dit, attention=attention)
+        dit = WanDiT(c, cfg.vae.z_dim).eval()
+        for frames, size in ((5, 128), (17, 128), (33, 128), (17, 64), (17, 256)):
+            g = cfg.geometry
+            shape = (2, cfg.vae.z_dim, g.frames_to_latent(frames), size // 8, size // 8)
+            x, t, r = torch.randn(shape), torch.rand(2) * 1000, torch.randn(*shape[:2], 1, *shape[3:])
+            with torch.no_grad():
+                rec = timed(lambda: dit(x, t, r), runs=runs)
+            out.append({"stage": "dit", "impl": "torch-eager", "scaling": attention, "frames": frames,
+                        "height": size, "width": size, "tokens": shape[2] * (size // 16) ** 2,
+                        "gflop": flops(dit, x, t, r) / 1e9, **rec})
+    big = get_preset("wan2.2-5b")
+    for label, (frames, h, w) in {"480p": (81, 480, 832), "720p": (121, 704, 1280)}.items():
+        for attention in ("factorized", "full"):
+            c = dataclasses.replace(big.dit, attention=attention)
+            with torch.device("meta"):
+                dit = WanDiT(c, big.vae.z_dim)
+                g = big.geometry
+                shape = (2, big.vae.z_dim, g.frames_to_latent(frames), h // g.spatial_stride, w // g.spatial_stride)
+                x, t, r = torch.randn(shape), torch.rand(2), torch.randn(*shape[:2], 1, *shape[3:])
+                gflop = flops(dit, x, t, r) / 1e9  # inside: tables made in forward go to meta too
+            tokens = shape[2] * (h // g.pixels_per_token[0]) * (w // g.pixels_per_token[1])
+            out.append({"stage": "dit", "impl": "analytic", "scaling": attention, "model": "wan2.2-5b",
+                        "resolution": label, "frames": frames, "height": h, "width": w, "tokens": tokens,
+                        "gflop": gflop, "median_ms": None})
+    return out
+
+
+def write_report(records: list[dict], out: Path, cfg) -> None:
+    (out / "results.json").write_text(json.dumps(records, indent=1) + "\n")
+    peak = next(r["peak_gflops"] for r in records if "peak_gflops" in r)
+    lines = [f"# wan-export benchmark: preset `{cfg.name}`", "",
+             f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
+             f"fp32 matmul peak {peak:.0f} GFLOP/s (torch, measured in this run).", "",
+             "| stage | impl | median ms | p90 ms | GFLOP | GFLOP/s | % of peak |", "|---|---|---:|---:|---:|---:|---:|"]
+    for r in records:
+        if r.get("median_ms") is not None and "scaling" not in r and "peak_rss_mb" not in r:
+            g = r.get("gflop")
+            lines.append(f"| {r['stage']} | {r['impl']} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | "
+                         + (f"{g:.2f} | {r['achieved_gflops']:.0f} | {100 * r['achieved_gflops'] / peak:.0f}% |"
+                            if g else "| | |"))
+        elif r.get("error"):
+            lines.append(f"| {r['stage']} | {r['impl']} | failed: {r['error']} | | | | |")
+    lines += ["", "Decode peak RSS (fresh process; 'decoding' = above the peak after loading):", "",
+              "| frames | impl | peak RSS MB | decoding MB |", "|---:|---|---:|---:|"]
+    lines += [f"| {r['frames']} | {r['impl']} | {r['peak_rss_mb']:.0f} | {r['decode_rss_mb']:.0f} |"
+              for r in records if "peak_rss_mb" in r]
+    lines += ["", "DiT step scaling (batch 2):", "", "| model | attention | frames | size | tokens | GFLOP | ms |",
+              "|---|---|---:|---|---:|---:|---:|"]
+    for r in records:
+        if "scaling" in r:
+            ms = f"{r['median_ms']:.1f}" if r["median_ms"] is not None else "analytic"
+            lines.append(f"| {r.get('model', cfg.name)} | {r['scaling']} | {r['frames']} | "
+                         f"{r['width']}x{r['height']} | {r['tokens']} | {r['gflop']:.1f} | {ms} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    plot(records, out / "results.png")
+
+
+def plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    timing = [r for r in records if r.get("median_ms") and "scaling" not in r and "peak_rss_mb" not in r]
+    stages = list(dict.fromkeys(r["stage"] for r in timing))
+    impls = list(dict.fromkeys(r["impl"] for r in timing))
+    for k, impl in enumerate(impls):
+        ys = [next((r["median_ms"] for r in timing if r["stage"] == s and r["impl"] == impl), 0) for s in stages]
+        axes[0].bar(np.arange(len(stages)) + k / (len(impls) + 1), ys, width=1 / (len(impls) + 1), label=impl)
+    axes[0].set_xticks(np.arange(len(stages)) + 0.4, stages)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("median ms (log)")
+    axes[0].legend(fontsize=7)
+    for attention in ("factorized", "full"):
+        pts = sorted((r["tokens"], r["gflop"]) for r in records if r.get("scaling") == attention)
+        axes[1].loglog(*zip(*pts), "o-", label=attention)
+    axes[1].set_xlabel("tokens per frame x frames")
+    axes[1].set_ylabel("DiT step GFLOP (batch 2)")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+@click.command()
+@click.option("--preset", default="small", show_default=True)
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--artifacts", type=click.Path(path_type=Path),
+              help="An artifact directory of the preset (default: built into a temporary folder "
+                   "with fp32, fp16 and int8).")
+@click.option("--runs", default=5, show_default=True, help="Timed runs per measurement (after warm-up).")
+@click.option("--compile/--no-compile", "compile_", default=True, show_default=True,
+              help="Also time torch.compile (inductor needs a C++ compiler).")
+@click.option("--rss-frames", default="17,33,65", show_default=True, help="Clip lengths for decode memory.")
+def main(preset, out, artifacts, runs, compile_, rss_frames):
+    """Time every stage in PyTorch and in the runtime, and write results.json/.md/.png."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = get_preset(preset)
+    out.mkdir(parents=True, exist_ok=True)
+    frames = tuple(int(f) for f in rss_frames.split(","))
+    with tempfile.TemporaryDirectory() as tmp:
+        if artifacts is None:
+            from export.build import build_artifacts
+
+            artifacts = Path(tmp) / preset
+            build_artifacts(cfg, artifacts, precisions=("fp32", "fp16", "int8"))
+        records = run(cfg, out, artifacts, runs, compile_, frames)
+    write_report(records, out, cfg)
+    click.echo(f"wrote {out / 'results.json'}, results.md, results.png")
+
+
+if __name__ == "__main__":
+    main()
