@@ -69,10 +69,11 @@ def build_artifacts(cfg: ModelConfig, out: str | Path, checkpoint: str | Path | 
     with ArtifactWriter(out, force) as writer:  # checks `out` before any slow work
         vae, dit = build_models(cfg, checkpoint)
         stages = export_fp32(cfg, vae, dit, writer, opset)
+        model = cfg.to_dict()
         manifest = Manifest(
-            model=cfg.to_dict(), geometry=cfg.geometry,
+            model=model, geometry=cfg.geometry,
             latent_mean=tuple(vae.latent_mean.tolist()), latent_std=tuple(vae.latent_std.tolist()),
-            sampler=cfg.to_dict()["sampler"], video=cfg.to_dict()["video"],
+            sampler=model["sampler"], video=model["video"],
             symbols=cfg.symbol_ranges(), stages=stages,
             files={},  # filled in by the writer, which hashes what it wrote
             tools=tool_versions(opset),
