@@ -150,25 +150,31 @@ class Pipeline:
         noise = np.random.default_rng(req.seed).standard_normal(shape, dtype=np.float32)
         return self.backend.to_device(noise)  # drawn on the host: the same on every backend
 
-    def velocity(self, x: np.ndarray, sigma: float, ref_latent: np.ndarray, guidance: float):
-        """One DiT call; with guidance != 1 the conditional and null-reference branches run as
-        one batch-2 call (the null reference is an all-zero latent)."""
-        dit, xp = self.stages["dit"], self.xp
-        t = xp.full((1,), timestep(sigma), dtype=xp.float32)
+    def dit_reference(self, ref_latent, guidance: float):
+        """The DiT's `ref_latent` input for every step: with guidance != 1 the conditional and
+        null-reference (all-zero latent) branches run as one batch-2 call. Built once per video."""
         if guidance == 1.0:
-            return dit(latent=x, timestep=t, ref_latent=ref_latent)["velocity"]
-        v = dit(latent=xp.concatenate([x, x]), timestep=xp.concatenate([t, t]),
-                ref_latent=xp.concatenate([ref_latent, xp.zeros_like(ref_latent)]))["velocity"]
-        return guided(v[:1], v[1:], guidance)
+            return ref_latent
+        return self.xp.concatenate([ref_latent, self.xp.zeros_like(ref_latent)])
+
+    def velocity(self, x, sigma: float, dit_ref, guidance: float):
+        """One DiT call; `dit_ref` from `dit_reference`."""
+        dit, xp = self.stages["dit"], self.xp
+        batch = dit_ref.shape[0]
+        t = xp.full((batch,), timestep(sigma), dtype=xp.float32)
+        latent = x if batch == 1 else xp.concatenate([x] * batch)
+        v = dit(latent=latent, timestep=t, ref_latent=dit_ref)["velocity"]
+        return v if batch == 1 else guided(v[:1], v[1:], guidance)
 
     def denoise(self, ref_latent: np.ndarray, noise: np.ndarray, req: Request,
                 on_step: Callable[[int, float], None] | None = None) -> np.ndarray:
         """Integrate the flow from noise (sigma 1) to a clean latent (sigma 0)."""
         sigmas = flow_sigmas(req.steps, req.shift)
+        dit_ref = self.dit_reference(ref_latent, req.guidance)  # constant across steps
         step, x, x0 = SOLVERS[req.solver], noise, None
         for i in range(req.steps):
             t0 = time.perf_counter()
-            v = self.velocity(x, float(sigmas[i]), ref_latent, req.guidance)
+            v = self.velocity(x, float(sigmas[i]), dit_ref, req.guidance)
             x, x0 = step(x, v, sigmas, i, x0)
             if on_step is not None:
                 on_step(i, time.perf_counter() - t0)

@@ -84,9 +84,13 @@ def test_int8_is_symmetric_qdq_with_float_biases(reduced_dir, manifest):
         if len(node.input) > 2 and node.input[2] in inits:
             assert not numpy_helper.to_array(inits[node.input[2]]).any()  # zero points are 0
     assert per_channel > 0
-    for name in details["float_nodes"]:  # the excluded layers have no quantized weight
+    producer = {o: n.op_type for n in model.graph.node for o in n.output}
+    for name in details["float_nodes"]:  # the excluded layers read no dequantized tensor
         node = next(n for n in model.graph.node if n.name == name)
-        assert not any(i.endswith("_DequantizeLinear_Output") and "weight" in i for i in node.input)
+        assert not any(producer.get(i) == "DequantizeLinear" for i in node.input), name
+    quantized = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv")
+                 and n.name not in details["float_nodes"]]
+    assert any(producer.get(i) == "DequantizeLinear" for n in quantized for i in n.input)
 
 
 def test_vae_fallback_is_recorded(manifest):
