@@ -38,11 +38,14 @@ def module_path(node: onnx.NodeProto) -> str:
     return ""
 
 
-def nodes_matching(model: onnx.ModelProto, patterns: list[str], prefix: str = "") -> list[str]:
-    """Names of nodes whose module path (without `prefix`) matches any glob pattern."""
+def nodes_matching(model: onnx.ModelProto, patterns: list[str],
+                   op_types: list[str] | None = None) -> list[str]:
+    """Names of nodes (of `op_types`, default any) whose module path matches any glob pattern."""
     out = []
     for node in model.graph.node:
-        path = module_path(node).removeprefix(prefix)
+        if op_types is not None and node.op_type not in op_types:
+            continue
+        path = module_path(node)
         if any(fnmatch.fnmatchcase(path, p) or fnmatch.fnmatchcase(path, p + ".*") for p in patterns):
             out.append(node.name)
     return out

@@ -1,6 +1,7 @@
 """`wan-export` as a library call: reference model -> validated ONNX stages -> artifact directory.
 
-    fp32     every stage exported from PyTorch and checked against it (two shapes)
+    fp32     every stage exported from PyTorch and checked against it (two shapes); the DiT
+             also with ONNX Runtime's fused kernels (an ORT-only graph, export/kernels.py)
     fp16     mixed precision with fp32 islands (engines/fp16.py)
     int8     Q/DQ from calibration on real denoising trajectories (engines/int8.py)
     engines  a TensorRT .plan per stage and precision (engines/tensorrt.py)
@@ -20,24 +21,31 @@ from pathlib import Path
 import onnx
 import torch
 
-from engines import fp16, int8, quality
+from engines import fp16, graph, int8, quality
 from engines.artifacts import ArtifactWriter
 from engines.tensorrt import EngineOptions, build_engine, resolve_flavour, symbol_profile
 from export.calibration import CalibrationConfig, capture, reference_image
 from export.config import ModelConfig
+from export.dit import WanDiT
+from export.kernels import CONTRIB_DOMAIN, CONTRIB_OPS, ONNX_RUNTIME, onnx_runtime_translations
 from export.onnx_export import DEFAULT_OPSET, export_stage, validate_stage
 from export.vae import (VAEDecoderFirstStage, VAEDecoderStage, VAEDecoderStepStage, VAEEncoderStage,
                         decoder_cache_layout)
-from export.weights import build_models
+from export.weights import build_models, default_checkpoint
 from runtime.backends import OnnxRuntimeBackend
 from runtime.errors import WanError
-from runtime.manifest import PRECISIONS, Artifact, Manifest, Stage
+from runtime.manifest import PRECISIONS, Artifact, Manifest, Stage, sha256_file
 from runtime.pipeline import Pipeline
 from runtime.stages import STAGE_NAMES, STREAM_STAGE_NAMES, stage_specs, stream_decoder_specs
 
 log = logging.getLogger(__name__)
 
 VAE_STAGES = ("vae_encoder", "vae_decoder")
+# The DiT's ONNX Runtime graph (fused contrib ops), built at the precisions a CPU runs well;
+# fp16 is for GPUs, where TensorRT builds from the portable graph.
+ORT_GRAPH = "onnx/{precision}/dit.ort.onnx"
+ORT_GRAPH_PRECISIONS = ("fp32", "int8")
+ORT_GRAPH_OPS = [f"{CONTRIB_DOMAIN}.{op}" for op in CONTRIB_OPS]
 RANGE_SAMPLES = 24  # DiT calls used to measure activation ranges for fp16 (spread over steps)
 
 
@@ -77,8 +85,11 @@ def build_artifacts(cfg: ModelConfig, out: str | Path, checkpoint: str | Path | 
             symbols=cfg.symbol_ranges(), stages=stages,
             files={},  # filled in by the writer, which hashes what it wrote
             tools=tool_versions(opset),
+            weights=weights_record(cfg, checkpoint),
         )
         reduced = [p for p in precisions if p != "fp32"]
+        if "int8" in reduced and int8_float_layers:
+            check_float_layers(writer.staging, stages, int8_float_layers)
         if reduced:
             calib = CalibrationConfig()
             t0 = time.perf_counter()
@@ -98,28 +109,49 @@ def build_artifacts(cfg: ModelConfig, out: str | Path, checkpoint: str | Path | 
         return writer.commit(manifest)
 
 
+def weights_record(cfg: ModelConfig, checkpoint: str | Path | None) -> dict:
+    """Where the exported weights came from, for the manifest."""
+    path = Path(checkpoint) if checkpoint is not None else default_checkpoint(cfg)
+    if path is None:
+        return {"source": "seeded initialization", "seed": cfg.seed}
+    return {"source": "checkpoint" if checkpoint is not None else "bundled", "path": str(path),
+            "sha256": sha256_file(path)}
+
+
 def export_fp32(cfg: ModelConfig, vae, dit, writer: ArtifactWriter, opset: int) -> dict[str, Stage]:
-    """The three stages plus the streaming decoder's two, exported and checked against PyTorch."""
+    """The three stages plus the streaming decoder's two, exported and checked against PyTorch,
+    and the DiT once more with ONNX Runtime's fused kernels (export/kernels.py)."""
     modules = {"vae_encoder": VAEEncoderStage(vae), "dit": dit, "vae_decoder": VAEDecoderStage(vae),
                "vae_decoder_first": VAEDecoderFirstStage(vae), "vae_decoder_step": VAEDecoderStepStage(vae)}
     specs = {**stage_specs(cfg.geometry),
              **stream_decoder_specs(cfg.geometry, decoder_cache_layout(vae))}
+    fused_dit = WanDiT(cfg.dit, cfg.vae.z_dim, kernels=ONNX_RUNTIME).eval()
+    fused_dit.load_state_dict(dit.state_dict())
+    graphs = []  # (stage, module, path, custom-op translations)
+    for name in specs:
+        graphs.append((name, modules[name], f"onnx/fp32/{name}.onnx", None))
+        if name == "dit":
+            graphs.append((name, fused_dit, ORT_GRAPH.format(precision="fp32"), onnx_runtime_translations()))
     symbols = cfg.symbol_ranges()
-    stages = {}
-    for i, name in enumerate(specs, 1):
-        rel = f"onnx/fp32/{name}.onnx"
+    stages: dict[str, Stage] = {}
+    for i, (name, module, rel, translations) in enumerate(graphs, 1):
         t0 = time.perf_counter()
-        log.info("[%d/%d] %s: exporting", i, len(specs), name)
-        export_stage(modules[name], specs[name], symbols, writer.path(rel), opset)
-        check = validate_stage(modules[name], specs[name], writer.path(rel))
-        log.info("[%d/%d] %s: max abs err %.2e, rel %.2e (tolerance %.0e) in %.1f s",
-                 i, len(specs), name, check["max_abs"], check["max_rel"],
-                 check["tolerance"], time.perf_counter() - t0)
+        label = f"[{i}/{len(graphs)}] {name}" + (" (ONNX Runtime kernels)" if translations else "")
+        log.info("%s: exporting", label)
+        export_stage(module, specs[name], symbols, writer.path(rel), opset, translations)
+        check = validate_stage(module, specs[name], writer.path(rel))
+        log.info("%s: max abs err %.2e, rel %.2e (tolerance %.0e) in %.1f s", label, check["max_abs"],
+                 check["max_rel"], check["tolerance"], time.perf_counter() - t0)
         if not check["passed"]:
             raise WanError(f"stage {name}: ONNX Runtime differs from PyTorch by "
                            f"{check['max_rel']:.2e} (relative), above the tolerance "
                            f"{check['tolerance']:.0e}; nothing was written")
-        stages[name] = Stage(specs[name], {"fp32": Artifact("fp32", rel, check)})
+        if translations is None:
+            stages[name] = Stage(specs[name], {"fp32": Artifact("fp32", rel, check)})
+        else:
+            art = stages[name].artifacts["fp32"]
+            stages[name].artifacts["fp32"] = dataclasses.replace(
+                art, ort_graph={"path": rel, "validation": check, "ops": ORT_GRAPH_OPS})
     return stages
 
 
@@ -129,25 +161,49 @@ def _every(samples: list, n: int) -> list:
     return samples[::step][:n]
 
 
+def check_float_layers(root: Path, stages: dict[str, Stage], patterns: tuple[str, ...]) -> None:
+    """Refuse an --int8-float-layers pattern that matches no layer to quantize in any stage
+    (a typo would otherwise silently quantize everything)."""
+    models = {n: onnx.load(str(root / stages[n].artifacts["fp32"].path), load_external_data=False)
+              for n in STAGE_NAMES}
+    for pattern in patterns:
+        if not any(graph.nodes_matching(m, [pattern], op_types=int8.QUANT_OPS) for m in models.values()):
+            raise WanError(f"--int8-float-layers {pattern!r} matches no quantizable layer; module paths "
+                           "look like 'blocks.0.ffn*', 'blocks.*.attn1' (its fused q/k/v projection), "
+                           "'condition_embedder*', 'vae.decoder.head'")
+
+
+def reduce_graph(precision: str, src: Path, dst: Path, stage: str, samples,
+                 float_layers: tuple[str, ...] | None) -> dict:
+    """Write the `precision` version of the fp32 graph `src`; returns its recipe details."""
+    if precision == "fp16":
+        return fp16.convert(src, dst, _every(samples, RANGE_SAMPLES))
+    layers = int8.DEFAULT_FLOAT_LAYERS[stage] if float_layers is None else float_layers
+    return int8.quantize(src, dst, samples, layers)
+
+
 def build_reduced(precision: str, manifest: Manifest, root: Path, samples, holdout,
                   calib: CalibrationConfig, float_layers: tuple[str, ...] | None) -> dict:
     """Write `precision` graphs for every stage, measure them, fall back to fp32 VAE stages if
     the reduced VAE misses the end-to-end bar. Returns the quality record."""
     t0 = time.perf_counter()
     for name in STAGE_NAMES:
-        src = root / manifest.stages[name].artifacts["fp32"].path
+        fp32 = manifest.stages[name].artifacts["fp32"]
         rel = f"onnx/{precision}/{name}.onnx"
-        if precision == "fp16":
-            details = fp16.convert(src, root / rel, _every(samples[name], RANGE_SAMPLES))
-        else:
-            layers = int8.DEFAULT_FLOAT_LAYERS[name] if float_layers is None else float_layers
-            details = int8.quantize(src, root / rel, samples[name], layers)
-        manifest.stages[name].artifacts[precision] = Artifact(precision, rel, {}, details)
+        details = reduce_graph(precision, root / fp32.path, root / rel, name, samples[name], float_layers)
+        ort_graph = None
+        if fp32.ort_graph is not None and precision in ORT_GRAPH_PRECISIONS:
+            ort_rel = ORT_GRAPH.format(precision=precision)
+            reduce_graph(precision, root / fp32.ort_graph["path"], root / ort_rel, name, samples[name],
+                         float_layers)
+            ort_graph = {"path": ort_rel, "validation": {}, "ops": ORT_GRAPH_OPS}
+        manifest.stages[name].artifacts[precision] = Artifact(precision, rel, {}, details, ort_graph=ort_graph)
     for name in STREAM_STAGE_NAMES:  # small per-frame graphs: fp32 at every precision
         fp32 = manifest.stages[name].artifacts["fp32"]
         manifest.stages[name].artifacts[precision] = Artifact(
             precision, fp32.path, fp32.validation, {"kept": "fp32", "reason": "the streaming decoder runs in fp32"})
 
+    # What wan-run runs (ONNX Runtime graphs where built), and the portable graphs TensorRT builds.
     fp32_pipe = Pipeline(root, manifest, OnnxRuntimeBackend(root, manifest, "fp32"))
     images = [reference_image(s, manifest.video["height"], manifest.video["width"])
               for s in calib.holdout_seeds]
@@ -169,16 +225,24 @@ def build_reduced(precision: str, manifest: Manifest, root: Path, samples, holdo
                                            f"{precision} VAE gave {reduced_psnr:.1f} dB end to end, below {bar:g} dB"})
         vae_note = f"fp32 ({precision} VAE: {reduced_psnr:.1f} dB < {bar:g} dB)"
         pipe, e2e = measure()
+    portable = {p: OnnxRuntimeBackend(root, manifest, p, contrib_ops=False).stages for p in ("fp32", precision)}
+    metric = "max_abs / max|fp32|, held-out inputs"
     for name in STAGE_NAMES:
-        err = quality.stage_error(fp32_pipe.stages[name], pipe.stages[name], _every(holdout[name], 12))
+        held = _every(holdout[name], 12)
         art = manifest.stages[name].artifacts[precision]
-        manifest.stages[name].artifacts[precision] = Artifact(
-            precision, art.path, {**err, "metric": "max_abs / max|fp32|, held-out inputs"}, art.details)
+        err = quality.stage_error(portable["fp32"][name], portable[precision][name], held)
+        ort_graph = art.ort_graph
+        if ort_graph is not None:
+            ort_err = quality.stage_error(fp32_pipe.stages[name], pipe.stages[name], held)
+            ort_graph = {**ort_graph, "validation": {**ort_err, "metric": metric}}
+        manifest.stages[name].artifacts[precision] = dataclasses.replace(
+            art, validation={**err, "metric": metric}, ort_graph=ort_graph)
     record = {
         "psnr_db": e2e["psnr_db"], "psnr_db_each": e2e["psnr_db_each"], "bar_db": bar,
         "finite": e2e["finite"], "vae": vae_note,
-        "stage_max_rel": {n: manifest.stages[n].artifacts[precision].validation["max_rel"]
-                          for n in STAGE_NAMES},
+        # the graphs wan-run runs: the ONNX Runtime graph where there is one
+        "stage_max_rel": {n: (a.ort_graph or {"validation": a.validation})["validation"]["max_rel"]
+                          for n in STAGE_NAMES for a in [manifest.stages[n].artifacts[precision]]},
         "measured_on": {"seeds": seeds, "frames": manifest.video["frames"],
                         "height": manifest.video["height"], "width": manifest.video["width"],
                         "steps": manifest.sampler["steps"]},

@@ -17,8 +17,8 @@ Examples:
   wan-export --preset small --out artifacts/small --force   # rebuild in place
 
 A config JSON holds the fields of a preset (see export/config.py), either in full or as
-{"preset": "small", ...overrides}. Weights: seeded initialization unless --checkpoint names
-a .safetensors file. Each stage is checked against PyTorch in ONNX Runtime; the measured
+{"preset": "small", ...overrides}. Weights: --checkpoint (a .safetensors file), else the
+preset's bundled trained weights (small), else seeded initialization (tiny). Each stage is checked against PyTorch in ONNX Runtime; the measured
 errors go into manifest.json, and a stage over its tolerance fails the build.
 """
 
@@ -83,8 +83,8 @@ def main(preset, config_path, checkpoint, out, attention, opset, precision_list,
     manifest = build_artifacts(cfg, out, checkpoint=checkpoint, force=force, opset=opset,
                                precisions=precisions, int8_float_layers=layers, engines=engines)
     size = sum(f["size"] for f in manifest.files.values()) / 1e6
-    click.echo(f"wrote {out}: {cfg.name} ({cfg.dit.attention} attention), {len(manifest.stages)} "
-               f"stages at {', '.join(manifest.precisions())}, {size:.1f} MB")
+    click.echo(f"wrote {out}: {cfg.name} ({cfg.dit.attention} attention, {manifest.weights['source']} "
+               f"weights), {len(manifest.stages)} stages at {', '.join(manifest.precisions())}, {size:.1f} MB")
     for p, q in manifest.quality.items():
         stages = ", ".join(f"{n} {e:.1e}" for n, e in q["stage_max_rel"].items())
         click.echo(f"  {p}: {q['psnr_db']:.1f} dB vs fp32 (bar {q['bar_db']:g}), VAE {q['vae']}; "

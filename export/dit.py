@@ -28,7 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from export.config import DiTConfig
-from export.rope import apply_rope, rope_tables
+from export.kernels import TORCH, Kernels
+from export.rope import rope_tables
 
 
 def modulate(x, shift, scale):
@@ -43,55 +44,85 @@ def timestep_features(t, dim: int):
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-class Attention(nn.Module):
-    """Multi-head attention with q/k RMSNorm over the full inner dim (Wan's norm_q / norm_k)."""
+class RMSNorm(nn.Module):
+    """RMS norm over the last dim (Wan's q/k norms; parameter `weight` like torch's RMSNorm).
 
-    def __init__(self, cfg: DiTConfig):
+    Written out as x / sqrt(mean(x^2) + eps) * weight: ONNX Runtime fuses exactly this
+    pattern into one SimplifiedLayerNormalization node (torch's own RMSNorm exports as a
+    reciprocal square root that it leaves as seven nodes)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def project(x, *linears: nn.Linear):
+    """Several projections of one input as one wider matmul (q, k, v): one GEMM call instead
+    of three, and for int8 one quantized activation feeding one integer matmul."""
+    weight = torch.cat([lin.weight for lin in linears])  # (n*D_out, D_in)
+    bias = torch.cat([lin.bias for lin in linears])
+    return F.linear(x, weight, bias).chunk(len(linears), dim=-1)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with q/k RMSNorm over the full inner dim (Wan's norm_q / norm_k).
+
+    Tokens stay in (batch, sequence, heads * head_dim) layout throughout; the attention core
+    and the rotary embedding come from `kernels` (export/kernels.py), so the same module
+    exports either portable ONNX or ONNX Runtime's fused contrib ops."""
+
+    def __init__(self, cfg: DiTConfig, kernels: Kernels = TORCH):
         super().__init__()
         D = cfg.dim
-        self.heads = cfg.num_heads
+        self.heads, self.kernels = cfg.num_heads, kernels
         self.to_q, self.to_k, self.to_v = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
         self.to_out = nn.ModuleList([nn.Linear(D, D), nn.Dropout(0.0)])
-        self.norm_q = nn.RMSNorm(D, eps=cfg.eps)
-        self.norm_k = nn.RMSNorm(D, eps=cfg.eps)
+        self.norm_q = RMSNorm(D, eps=cfg.eps)
+        self.norm_k = RMSNorm(D, eps=cfg.eps)
 
     def forward(self, x, context, rope_q, rope_k, layout: str, grid):
         """x (B, L, D), context (B, Lc, D) -> (B, L, D).
 
         layout: "full" (every query sees every key), "spatial" or "temporal" (self-attention
-        regrouped over the (T, H, W) token grid, see `group`).
+        regrouped over the (T, H, W) token grid, see `group`); `context is x` for self-attention.
         """
-        B, L, D = x.shape
-        q = apply_rope(self.norm_q(self.to_q(x)).unflatten(2, (self.heads, -1)), *rope_q)  # (B, L, h, d)
-        k = apply_rope(self.norm_k(self.to_k(context)).unflatten(2, (self.heads, -1)), *rope_k)
-        v = self.to_v(context).unflatten(2, (self.heads, -1))
-        q, k, v = (group(t, layout, grid) for t in (q, k, v))  # (B', heads, L', d)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.to_out[0](ungroup(out, layout, grid, B))
+        if context is x:
+            q, k, v = project(x, self.to_q, self.to_k, self.to_v)
+        else:
+            q, (k, v) = self.to_q(x), project(context, self.to_k, self.to_v)
+        rotary = self.kernels.rotary
+        q = rotary(self.norm_q(q), *rope_q, self.heads)  # (B, L, D)
+        k = rotary(self.norm_k(k), *rope_k, self.heads)
+        out = self.kernels.attention(*(group(t, layout, grid) for t in (q, k, v)), self.heads)
+        return self.to_out[0](ungroup(out, layout, grid))
 
 
 def group(x, layout: str, grid):
-    """(B, L, heads, d) -> (B', heads, L', d): the seed's view-based factorization."""
-    B, L, h, d = x.shape
+    """(B, T*H*W, D) -> (B', L', D): the seed's view-based factorization (tokens are t-major)."""
+    B, L, D = x.shape
     T, H, W = grid
     if layout == "full":
-        return x.transpose(1, 2)  # (B, heads, L, d)
-    x = x.reshape(B, T, H * W, h, d)
+        return x
     if layout == "spatial":
-        return x.reshape(B * T, H * W, h, d).transpose(1, 2)  # (B*T, heads, H*W, d)
-    return x.permute(0, 2, 3, 1, 4).reshape(B * H * W, h, T, d)  # (B*H*W, heads, T, d)
+        return x.reshape(B * T, H * W, D)  # (B*T, H*W, D): one frame per sequence
+    x = x.reshape(B, T, H * W, D).transpose(1, 2)  # (B, H*W, T, D)
+    return x.reshape(B * H * W, T, D)  # one spatial position per sequence
 
 
-def ungroup(x, layout: str, grid, B: int):
-    """Inverse of `group`: (B', heads, L', d) -> (B, L, heads*d)."""
+def ungroup(x, layout: str, grid):
+    """Inverse of `group`: (B', L', D) -> (B, T*H*W, D)."""
     T, H, W = grid
-    _, h, _, d = x.shape
+    D = x.shape[-1]
     if layout == "full":
-        return x.transpose(1, 2).reshape(B, T * H * W, h * d)
+        return x
     if layout == "spatial":
-        return x.transpose(1, 2).reshape(B, T * H * W, h * d)  # (B*T, H*W, h, d) is t-major already
-    x = x.reshape(B, H * W, h, T, d).permute(0, 3, 1, 2, 4)  # (B, T, H*W, h, d)
-    return x.reshape(B, T * H * W, h * d)
+        return x.reshape(-1, T * H * W, D)
+    x = x.reshape(-1, H * W, T, D).transpose(1, 2)  # (B, T, H*W, D)
+    return x.reshape(-1, T * H * W, D)
 
 
 class FeedForward(nn.Module):
@@ -118,20 +149,20 @@ class GELUProj(nn.Module):
 
 
 class WanBlock(nn.Module):
-    def __init__(self, cfg: DiTConfig):
+    def __init__(self, cfg: DiTConfig, kernels: Kernels = TORCH):
         super().__init__()
         D, eps = cfg.dim, cfg.eps
         self.factorized = cfg.attention == "factorized"
         self.norm1 = nn.LayerNorm(D, eps, elementwise_affine=False)
-        self.attn1 = Attention(cfg)
+        self.attn1 = Attention(cfg, kernels)
         self.norm2 = nn.LayerNorm(D, eps, elementwise_affine=True)
-        self.attn2 = Attention(cfg)
+        self.attn2 = Attention(cfg, kernels)
         self.norm3 = nn.LayerNorm(D, eps, elementwise_affine=False)
         self.ffn = FeedForward(cfg)
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, D) / D**0.5)
         if self.factorized:
             self.norm_temporal = nn.LayerNorm(D, eps, elementwise_affine=False)
-            self.attn_temporal = Attention(cfg)
+            self.attn_temporal = Attention(cfg, kernels)
             self.scale_shift_table_temporal = nn.Parameter(torch.randn(1, 3, D) / D**0.5)
 
     def forward(self, x, mod, context, rope_video, rope_ref, grid):
@@ -181,13 +212,16 @@ class ConditionEmbedder(nn.Module):
 
 
 class WanDiT(nn.Module):
-    def __init__(self, cfg: DiTConfig, in_channels: int):
+    """`kernels`: how attention and RoPE are computed (export/kernels.py); the parameters and
+    the result are the same either way."""
+
+    def __init__(self, cfg: DiTConfig, in_channels: int, kernels: Kernels = TORCH):
         super().__init__()
         self.cfg = cfg
         D = cfg.dim
         self.patch_embedding = nn.Conv3d(in_channels, D, cfg.patch_size, stride=cfg.patch_size)
         self.condition_embedder = ConditionEmbedder(cfg, in_channels)
-        self.blocks = nn.ModuleList([WanBlock(cfg) for _ in range(cfg.num_layers)])
+        self.blocks = nn.ModuleList([WanBlock(cfg, kernels) for _ in range(cfg.num_layers)])
         self.norm_out = nn.LayerNorm(D, cfg.eps, elementwise_affine=False)
         self.proj_out = nn.Linear(D, in_channels * math.prod(cfg.patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, D) / D**0.5)

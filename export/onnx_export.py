@@ -73,8 +73,9 @@ def name_axes(model: onnx.ModelProto, spec: StageSpec) -> None:
 
 
 def export_stage(module: torch.nn.Module, spec: StageSpec, symbols: dict[str, SymbolRange],
-                 path: Path, opset: int = DEFAULT_OPSET) -> None:
-    """Export `module` (whose forward takes the spec's inputs in order) to `path`."""
+                 path: Path, opset: int = DEFAULT_OPSET, translations: dict | None = None) -> None:
+    """Export `module` (whose forward takes the spec's inputs in order) to `path`.
+    `translations`: custom ops -> ONNX (export/kernels.py's contrib-op lowering)."""
     sample = spec.sample_inputs(EXPORT_ENV)
     args = tuple(torch.from_numpy(sample[t.name]) for t in spec.inputs)
     t0 = time.perf_counter()
@@ -92,6 +93,7 @@ def export_stage(module: torch.nn.Module, spec: StageSpec, symbols: dict[str, Sy
             input_names=[t.name for t in spec.inputs],
             output_names=[t.name for t in spec.outputs],
             dynamic_shapes=_nest_varargs(module, torch_dynamic_shapes(spec, symbols)),
+            custom_translation_table=translations,
         )
     torch_onnx_log.setLevel(level)
     log.debug(quiet.getvalue())

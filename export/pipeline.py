@@ -3,7 +3,9 @@
 Flow matching: x_sigma = (1 - sigma) * x0 + sigma * noise, the DiT predicts v = noise - x0.
 Sigmas run from 1 to 0 in `steps` uniform steps, shifted by sigma' = s*sigma / (1 + (s-1)*sigma)
 (more steps at high noise); the DiT sees t = 1000 * sigma'. CFG: v = v_u + g * (v_c - v_u),
-both branches in one batch-2 call; g == 1 skips the unconditional branch.
+both branches in one batch-2 call; g == 1 skips the unconditional branch. Latent frame 0 is
+the reference latent itself (causal VAE), so after each step it is put back on the reference's
+straight path (`anchor_first_frame`), as Wan2.2's image-to-video keeps its first frame.
 
 Solvers (both return the next sample and this step's x0 estimate, which the next step of a
 multistep solver takes back; no hidden step counter):
@@ -58,6 +60,14 @@ def dpmpp_2m_step(x, v, sigmas, i, prev_x0=None):
 SOLVERS = {"euler": euler_step, "dpm++2m": dpmpp_2m_step}
 
 
+def anchor_first_frame(x, ref_latent, noise, sigma: float):
+    """Latent frame 0 is the reference latent (the causal VAE encodes video frame 0 alone, like
+    the reference image): after every step it is reset to (1 - sigma) ref + sigma noise."""
+    out = x.clone()
+    out[:, :, :1] = (1 - sigma) * ref_latent + sigma * noise[:, :, :1]
+    return out
+
+
 def to_unit(frames_uint8: np.ndarray) -> torch.Tensor:
     """uint8 (T, H, W, 3) -> float (1, 3, T, H, W) in [-1, 1]."""
     x = torch.from_numpy(np.ascontiguousarray(frames_uint8)).float() / 127.5 - 1.0
@@ -89,12 +99,13 @@ class ReferencePipeline:
                shift: float, solver: str) -> torch.Tensor:
         """image uint8 (H, W, 3), noise (1, C, F, h, w) -> clean latent (1, C, F, h, w)."""
         ref_latent = self.vae.encode(to_unit(image[None]))  # (1, C, 1, h, w)
-        x = torch.from_numpy(noise).float()
+        x = noise = torch.from_numpy(noise).float()
         sigmas = flow_sigmas(steps, shift)
         step, x0 = SOLVERS[solver], None
         for i in range(steps):
             v = self.velocity(x, float(sigmas[i]), ref_latent, guidance)
             x, x0 = step(x, v, sigmas, i, x0)
+            x = anchor_first_frame(x, ref_latent, noise, float(sigmas[i + 1]))
         return x
 
     @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Building the reference modules: seeded initialization or a safetensors checkpoint.
+"""Building the reference modules: a safetensors checkpoint, the bundled weights, or seeded init.
 
 All initialization lives here (DiT `models.py` style). A checkpoint is one safetensors file with
 keys `vae.<name>` and `dit.<name>`, the module's own parameter names, so loading is a key copy;
@@ -37,12 +37,27 @@ def init_weights(vae: WanVAE, dit: WanDiT, seed: int) -> None:
             p.data.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
 
 
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def default_checkpoint(cfg: ModelConfig) -> Path | None:
+    """The config's bundled weights (`cfg.weights`, relative to the export package), if any."""
+    return PACKAGE_DIR / cfg.weights if cfg.weights else None
+
+
 def build_models(cfg: ModelConfig, checkpoint: str | Path | None = None) -> tuple[WanVAE, WanDiT]:
-    """The reference VAE and DiT in eval mode, from `checkpoint` or seeded from `cfg.seed`."""
+    """The reference VAE and DiT in eval mode: from `checkpoint`, else the config's bundled
+    weights, else seeded from `cfg.seed`."""
     if cfg.shape_only:
         raise WanError(f"preset {cfg.name!r} is for analytic projections only and is never built")
     vae = WanVAE(cfg.vae).eval()
     dit = WanDiT(cfg.dit, cfg.vae.z_dim).eval()
+    if checkpoint is None and cfg.weights:
+        checkpoint = default_checkpoint(cfg)
+        if not checkpoint.is_file():
+            raise WanError(f"the bundled weights of {cfg.name!r} are missing ('{checkpoint}'); "
+                           f"reinstall wan-export, or retrain: python -m export.train --preset "
+                           f"{cfg.name} --out {checkpoint}")
     if checkpoint is None:
         init_weights(vae, dit, cfg.seed)
     else:

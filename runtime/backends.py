@@ -35,6 +35,7 @@ def available_providers() -> list[str]:
 class StageSession:
     spec: StageSpec
     session: ort.InferenceSession
+    path: Path  # the graph it runs
 
     def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         self.spec.bind(inputs)
@@ -43,8 +44,9 @@ class StageSession:
 
 
 def open_stages(root: Path, manifest: Manifest, precision: str = "fp32",
-                threads: int | None = None) -> dict[str, StageSession]:
-    """One ONNX Runtime session per stage at `precision`."""
+                threads: int | None = None, contrib_ops: bool = True) -> dict[str, StageSession]:
+    """One ONNX Runtime session per stage at `precision`: the stage's ONNX Runtime graph
+    (fused contrib ops) where one was built and `contrib_ops`, else its portable graph."""
     built = manifest.precisions()
     if precision not in built:
         raise WanError(f"precision {precision!r} was not built in '{root}' (built: "
@@ -55,14 +57,25 @@ def open_stages(root: Path, manifest: Manifest, precision: str = "fp32",
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3  # ORT warns about unused initializers etc. on every load
     providers = available_providers()
-    sessions = {}
-    for name, stage in manifest.stages.items():
-        path = root / stage.artifacts[precision].path
+
+    def load(path: Path) -> ort.InferenceSession:
         try:
-            session = ort.InferenceSession(str(path), opts, providers=providers)
+            return ort.InferenceSession(str(path), opts, providers=providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
             raise WanError(f"ONNX Runtime cannot load '{path}': {str(exc).splitlines()[0]}")
-        sessions[name] = StageSession(stage.spec, session)
+
+    sessions = {}
+    for name, stage in manifest.stages.items():
+        art = stage.artifacts[precision]
+        path = root / art.path
+        if contrib_ops and art.ort_graph is not None:
+            fused = root / art.ort_graph["path"]
+            try:
+                sessions[name] = StageSession(stage.spec, load(fused), fused)
+                continue
+            except WanError as exc:  # an ONNX Runtime build without these contrib ops
+                log.warning("%s; running the portable graph instead", exc)
+        sessions[name] = StageSession(stage.spec, load(path), path)
     log.debug("opened %s stages with %s", precision, providers)
     return sessions
 
@@ -73,8 +86,8 @@ class OnnxRuntimeBackend:
     xp = np
 
     def __init__(self, root: Path, manifest: Manifest, precision: str = "fp32",
-                 threads: int | None = None):
-        self.stages = open_stages(root, manifest, precision, threads)
+                 threads: int | None = None, contrib_ops: bool = True):
+        self.stages = open_stages(root, manifest, precision, threads, contrib_ops)
 
     @staticmethod
     def to_device(a: np.ndarray) -> np.ndarray:

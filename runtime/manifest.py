@@ -6,6 +6,7 @@ build tools; `engines/artifacts.py` writes it.
     DIR/manifest.json                  this file (written last: no manifest, no artifact)
     DIR/onnx/<precision>/<stage>.onnx  one graph per stage and precision
     DIR/onnx/<precision>/<stage>.onnx.data   its external weights
+    DIR/onnx/<precision>/dit.ort.onnx  the DiT with ONNX Runtime's fused ops (fp32, int8)
     DIR/.verified                      stat cache of files whose sha256 was checked
 
 Integrity without slow start-up: every file's size is compared on every load (free, catches
@@ -57,16 +58,21 @@ class Artifact:
     validation: dict  # measured errors (fp32: vs PyTorch; fp16/int8: vs the fp32 graph)
     details: dict = field(default_factory=dict)  # the recipe: fp32 islands, Q/DQ settings, ...
     engine: dict | None = None  # TensorRT .plan: path, size, profile, builder, targets
+    # The same stage as an ONNX Runtime-only graph with fused contrib ops (path, validation,
+    # ops); the onnxruntime backend prefers it. `path` stays the portable graph (TensorRT).
+    ort_graph: dict | None = None
 
     def to_dict(self) -> dict:
         out = {"path": self.path, "validation": self.validation, "details": self.details}
-        if self.engine is not None:
-            out["engine"] = self.engine
+        for key in ("engine", "ort_graph"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
         return out
 
     @classmethod
     def from_dict(cls, precision: str, d: dict) -> "Artifact":
-        return cls(precision, d["path"], d["validation"], d.get("details", {}), d.get("engine"))
+        return cls(precision, d["path"], d["validation"], d.get("details", {}), d.get("engine"),
+                   d.get("ort_graph"))
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,7 @@ class Manifest:
     tools: dict[str, str]
     quality: dict = field(default_factory=dict)  # precision -> per-stage error, end-to-end PSNR
     calibration: dict | None = None  # how calibration data was made (reduced precisions)
+    weights: dict = field(default_factory=dict)  # where the weights came from: source, path, sha256
     format: str = FORMAT
 
     def to_dict(self) -> dict:
@@ -109,6 +116,7 @@ class Manifest:
             "tools": self.tools,
             "quality": self.quality,
             "calibration": self.calibration,
+            "weights": self.weights,
         }
 
     @classmethod
@@ -133,6 +141,7 @@ class Manifest:
             tools=d["tools"],
             quality=d.get("quality", {}),
             calibration=d.get("calibration"),
+            weights=d.get("weights", {}),
             format=d["format"],
         )
 

@@ -25,7 +25,7 @@ import numpy as np
 from runtime.backends import open_backend
 from runtime.errors import WanError
 from runtime.manifest import Manifest, load_manifest
-from runtime.solvers import SOLVERS, flow_sigmas, guided, timestep
+from runtime.solvers import SOLVERS, anchor_first_frame, flow_sigmas, guided, timestep
 from runtime.stages import STREAM_STAGE_NAMES
 
 
@@ -168,7 +168,8 @@ class Pipeline:
 
     def denoise(self, ref_latent: np.ndarray, noise: np.ndarray, req: Request,
                 on_step: Callable[[int, float], None] | None = None) -> np.ndarray:
-        """Integrate the flow from noise (sigma 1) to a clean latent (sigma 0)."""
+        """Integrate the flow from noise (sigma 1) to a clean latent (sigma 0), with latent
+        frame 0 held on the reference's path (`anchor_first_frame`)."""
         sigmas = flow_sigmas(req.steps, req.shift)
         dit_ref = self.dit_reference(ref_latent, req.guidance)  # constant across steps
         step, x, x0 = SOLVERS[req.solver], noise, None
@@ -176,6 +177,7 @@ class Pipeline:
             t0 = time.perf_counter()
             v = self.velocity(x, float(sigmas[i]), dit_ref, req.guidance)
             x, x0 = step(x, v, sigmas, i, x0)
+            x = anchor_first_frame(x, ref_latent, noise, float(sigmas[i + 1]))
             if on_step is not None:
                 on_step(i, time.perf_counter() - t0)
         return x

@@ -63,7 +63,8 @@ def test_wan_export_happy_path(cli_export):
     r, out = cli_export  # into a folder whose parents did not exist
     assert r.returncode == 0, r.stderr
     assert (out / "manifest.json").is_file() and "full attention" in r.stdout
-    assert "[5/5] vae_decoder_step" in r.stderr  # progress per stage
+    assert "[6/6] vae_decoder_step" in r.stderr  # progress per graph
+    assert "dit (ONNX Runtime kernels)" in r.stderr
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,34 @@ def test_manifest_contents(tiny_dir):
         assert sha256_file(tiny_dir / rel) == entry["sha256"]
 
 
+def test_dit_has_an_onnx_runtime_graph(tiny_dir):
+    """The DiT is also exported with ONNX Runtime's fused contrib ops, checked against PyTorch
+    like every graph, and the runtime's ONNX Runtime backend runs that graph."""
+    from runtime.backends import OnnxRuntimeBackend
+
+    manifest = load_manifest(tiny_dir)
+    art = manifest.stages["dit"].artifacts["fp32"]
+    assert art.ort_graph["path"] == "onnx/fp32/dit.ort.onnx" and art.path == "onnx/fp32/dit.onnx"
+    v = art.ort_graph["validation"]
+    assert v["passed"] and v["max_rel"] <= v["tolerance"] == 1e-4
+    ops = {f"{n.domain}.{n.op_type}" for n in onnx.load(str(tiny_dir / art.ort_graph["path"]),
+                                                        load_external_data=False).graph.node}
+    assert set(art.ort_graph["ops"]) == {"com.microsoft.MultiHeadAttention",
+                                         "com.microsoft.RotaryEmbedding"} <= ops
+    portable = {f"{n.domain}.{n.op_type}" for n in onnx.load(str(tiny_dir / art.path),
+                                                             load_external_data=False).graph.node}
+    assert not any(op.startswith("com.microsoft") for op in portable)  # TensorRT reads this one
+    assert OnnxRuntimeBackend(tiny_dir, manifest).stages["dit"].path.name == "dit.ort.onnx"
+    assert OnnxRuntimeBackend(tiny_dir, manifest, contrib_ops=False).stages["dit"].path.name == "dit.onnx"
+
+
+def test_float_layer_typo_is_refused(tiny_dir):
+    stages = load_manifest(tiny_dir).stages
+    build_mod.check_float_layers(tiny_dir, stages, ("blocks.0.attn1", "vae.decoder.head"))
+    with pytest.raises(WanError, match="'blocks.0.atn1' matches no quantizable layer"):
+        build_mod.check_float_layers(tiny_dir, stages, ("blocks.0.attn1", "blocks.0.atn1"))
+
+
 def test_graph_axes_are_named_from_the_spec(tiny_dir):
     model = onnx.load(str(tiny_dir / "onnx/fp32/vae_decoder.onnx"), load_external_data=False)
     out = model.graph.output[0].type.tensor_type.shape.dim
@@ -57,7 +85,7 @@ def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
     target.mkdir()
     (target / "mine.txt").write_text("keep me")
     # Stand-ins keep this test about the writer (the real export is covered elsewhere).
-    monkeypatch.setattr(build_mod, "export_stage", lambda m, spec, sym, path, opset: path.write_bytes(b"x"))
+    monkeypatch.setattr(build_mod, "export_stage", lambda m, spec, sym, path, *rest: path.write_bytes(b"x"))
     monkeypatch.setattr(build_mod, "validate_stage",
                         lambda *a, **k: {"passed": False, "max_abs": 1.0, "max_rel": 1.0,
                                          "tolerance": 1e-4})
@@ -71,7 +99,7 @@ def test_force_replaces_only_after_success(tiny_dir, tmp_path, monkeypatch):
     target = tmp_path / "out"
     shutil.copytree(tiny_dir, target)
 
-    def interrupted(module, spec, symbols, path, opset):  # Ctrl-C during the second stage
+    def interrupted(module, spec, symbols, path, *rest):  # Ctrl-C during the second stage
         if spec.name == "dit":
             raise KeyboardInterrupt
         path.write_bytes(b"x")

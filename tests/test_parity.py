@@ -10,6 +10,7 @@ from export.pipeline import ReferencePipeline
 from export.vae import VAEDecoderStage, VAEEncoderStage
 from export.weights import build_models
 from runtime import Pipeline
+from runtime.backends import OnnxRuntimeBackend
 from tests.conftest import psnr, tiny_config
 
 PSNR_MIN_DB = 40.0  # decoded uint8 video, runtime vs PyTorch, same seed and noise
@@ -36,8 +37,10 @@ def test_end_to_end_psnr(exported, attention, solver, reference_image):
 
 @pytest.mark.parametrize("frames,height,width", [(5, 48, 80), (13, 64, 32)])
 def test_stages_at_other_sizes(tiny_dir, frames, height, width):
-    """Frame counts and sizes other than the export shape run through the same graphs."""
+    """Frame counts and sizes other than the export shape run through the same graphs (the
+    DiT's ONNX Runtime graph and its portable one)."""
     pipe = Pipeline.from_dir(tiny_dir)
+    portable_dit = OnnxRuntimeBackend(tiny_dir, pipe.manifest, contrib_ops=False).stages["dit"]
     vae, dit = build_models(tiny_config())
     rng = np.random.default_rng(0)
     video = rng.uniform(-1, 1, (1, 3, frames, height, width)).astype(np.float32)
@@ -51,8 +54,9 @@ def test_stages_at_other_sizes(tiny_dir, frames, height, width):
         t = np.array([900.0, 100.0], np.float32)
         ref = np.repeat(lat[:, :, :1], 2, axis=0)
         v_ref = dit(*(torch.from_numpy(a) for a in (x, t, ref))).numpy()
-        v = pipe.stages["dit"](latent=x, timestep=t, ref_latent=ref)["velocity"]
-        np.testing.assert_allclose(v, v_ref, atol=1e-4)
+        for dit_graph in (pipe.stages["dit"], portable_dit):
+            v = dit_graph(latent=x, timestep=t, ref_latent=ref)["velocity"]
+            np.testing.assert_allclose(v, v_ref, atol=1e-4)
 
         out_ref = VAEDecoderStage(vae)(torch.from_numpy(lat)).numpy()
         out = pipe.stages["vae_decoder"](latent=lat)["video"]

@@ -113,9 +113,9 @@ def test_reduced_precision_runs_end_to_end(reduced_dir, precision, reference_ima
 
 def test_nodes_matching_uses_module_paths(reduced_dir):
     model = onnx.load(str(reduced_dir / "onnx/fp32/dit.onnx"), load_external_data=False)
-    q = graph.nodes_matching(model, ["blocks.0.attn1.to_q"])
-    assert q and all("blocks.0.attn1.to_q" in graph.module_path(
-        next(n for n in model.graph.node if n.name == name)) for name in q)
+    out = graph.nodes_matching(model, ["blocks.0.attn1.to_out.0"])
+    assert out and all("blocks.0.attn1.to_out.0" in graph.module_path(
+        next(n for n in model.graph.node if n.name == name)) for name in out)
     assert not graph.nodes_matching(model, ["no.such.layer"])
 
 

@@ -1,0 +1,123 @@
+"""The DiT's two fusable kernels, and the two ways they reach an ONNX graph.
+
+`Attention` (export/dit.py) calls its attention core and its rotary embedding through a
+`Kernels` pair, on tokens in (batch, sequence, heads * head_dim) layout:
+
+    attention(q, k, v, heads)    (B, S, D), (B, L, D), (B, L, D) -> (B, S, D):
+                                 softmax(q k^T / sqrt(d)) v for each of `heads` heads
+    rotary(x, cos, sin, heads)   (B, L, D) -> (B, L, D): each head's channel pairs rotated by
+                                 the per-token angles of a (L, d/2) table (export/rope.py)
+
+TORCH is plain PyTorch. The model trains with it, and the portable graphs are exported from it:
+MatMul/Softmax/elementwise ops that every ONNX runtime and TensorRT read.
+
+ONNX_RUNTIME runs the very same functions in PyTorch, wrapped as the custom ops `wan::attention`
+and `wan::rotary`, which the exporter writes as ONNX Runtime's contrib ops
+com.microsoft.MultiHeadAttention and com.microsoft.RotaryEmbedding (one node each instead of
+about fifteen). Such a graph runs only in ONNX Runtime, so it is an extra graph next to the
+portable one (DESIGN: keep plain and ORT-only graphs apart); on the CPU it makes a `small` DiT
+step about a quarter faster, and it is what lets int8 pay off (see README, Performance).
+
+RotaryEmbedding takes a cos/sin *cache* indexed by position ids; passing the (L, d/2) table of
+this grid as the cache with position ids 0..L-1 (`position_ids = [0]`: consecutive from 0)
+applies an arbitrary per-token rotation, which is what the 3D RoPE is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from export.rope import apply_rope
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    split = lambda t: t.unflatten(2, (heads, -1)).transpose(1, 2)  # noqa: E731 - (B, heads, S, d)
+    return F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).flatten(2)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
+    return apply_rope(x.unflatten(2, (heads, -1)), cos, sin).flatten(2)  # via (B, L, heads, d)
+
+
+@dataclass(frozen=True)
+class Kernels:
+    name: str
+    attention: Callable[..., torch.Tensor]
+    rotary: Callable[..., torch.Tensor]
+
+
+TORCH = Kernels("torch", attention, rotary)
+
+
+# --- the ONNX Runtime lowering ----------------------------------------------------------------
+
+@torch.library.custom_op("wan::attention", mutates_args=())
+def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    return attention(q, k, v, heads)
+
+
+@_attention_op.register_fake
+def _(q, k, v, heads):
+    return q.new_empty(q.shape[:2] + v.shape[2:])
+
+
+@torch.library.custom_op("wan::rotary", mutates_args=())
+def _rotary_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
+    return rotary(x, cos, sin, heads)
+
+
+@_rotary_op.register_fake
+def _(x, cos, sin, heads):
+    return torch.empty_like(x)
+
+
+ONNX_RUNTIME = Kernels("onnxruntime", _attention_op, _rotary_op)
+
+CONTRIB_DOMAIN = "com.microsoft"
+CONTRIB_OPS = ("MultiHeadAttention", "RotaryEmbedding")
+
+
+def _register_contrib_schemas() -> None:
+    """The exporter builds nodes through onnxscript, which wants an op schema; ONNX itself does
+    not know ONNX Runtime's contrib ops, so declare the inputs and attributes used here."""
+    import onnx
+    from onnx.defs import OpSchema
+
+    def declare(name: str, inputs: list[tuple[str, str]], attributes: list[str]) -> None:
+        if onnx.defs.has(name, CONTRIB_DOMAIN):
+            return
+        onnx.defs.register_schema(OpSchema(
+            name, CONTRIB_DOMAIN, 1,
+            inputs=[OpSchema.FormalParameter(n, t) for n, t in inputs],
+            outputs=[OpSchema.FormalParameter("output", "T")],
+            type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "activations"),
+                              ("M", ["tensor(int64)"], "position ids")],
+            attributes=[OpSchema.Attribute(a, OpSchema.AttrType.INT, "") for a in attributes]))
+
+    declare("MultiHeadAttention", [("query", "T"), ("key", "T"), ("value", "T")], ["num_heads"])
+    declare("RotaryEmbedding", [("input", "T"), ("position_ids", "M"), ("cos_cache", "T"),
+                                ("sin_cache", "T")], ["num_heads", "interleaved"])
+
+
+def onnx_runtime_translations() -> dict:
+    """`custom_translation_table` for torch.onnx.export: the custom ops -> contrib ops."""
+    import onnxscript
+    from onnxscript import opset20 as op
+
+    _register_contrib_schemas()
+    ms = onnxscript.values.Opset(CONTRIB_DOMAIN, 1)
+    mha = onnxscript.values.Op(ms, "MultiHeadAttention")
+    rope = onnxscript.values.Op(ms, "RotaryEmbedding")
+
+    def attention_onnx(q, k, v, heads: int):
+        return mha(q, k, v, num_heads=heads)  # scale defaults to 1/sqrt(head_dim), like SDPA
+
+    def rotary_onnx(x, cos, sin, heads: int):
+        # Pairs (2i, 2i+1) rotate together ("interleaved"), as in apply_rope.
+        return rope(x, op.Constant(value_ints=[0]), cos, sin, interleaved=1, num_heads=heads)
+
+    return {torch.ops.wan.attention.default: attention_onnx, torch.ops.wan.rotary.default: rotary_onnx}
