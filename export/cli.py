@@ -89,6 +89,8 @@ def main(preset, config_path, checkpoint, out, attention, opset, precision_list,
         stages = ", ".join(f"{n} {e:.1e}" for n, e in q["stage_max_rel"].items())
         click.echo(f"  {p}: {q['psnr_db']:.1f} dB vs fp32 (bar {q['bar_db']:g}), VAE {q['vae']}; "
                    f"stage rel err: {stages}")
+        if "note" in q:
+            click.echo(f"    ({q['note']})")
     if engines is not None:
         click.echo(f"  TensorRT ({manifest.tools['tensorrt_flavour']} {manifest.tools['tensorrt']}) "
                    f"engines: profile {engines.min_shape} / {engines.opt_shape} / {engines.max_shape}")
