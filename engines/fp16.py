@@ -122,3 +122,41 @@ def convert(src: Path, dst: Path, samples: list[dict[str, np.ndarray]]) -> dict:
         "max_activation": max(ranges.values(), default=0.0),
         "calibration_samples": len(samples),
     }
+
+
+def emulate(src: Path, dst: Path) -> None:
+    """Write `src`'s mixed-precision graph as an fp32 graph that rounds every fp16 tensor to
+    fp16 (explicit Cast pairs): fp16 storage with fp32 arithmetic, as fp16 GPU kernels with
+    fp32 accumulation compute. For measuring fp16 on a CPU, where ONNX Runtime has no fp16
+    MatMul/Conv kernels, casts their inputs back to fp32 and then drops the fp32 -> fp16 ->
+    fp32 pairs, so the graph as built would run with unrounded activations."""
+    model = graph.load(src)
+    for i, t in enumerate(model.graph.initializer):
+        if t.data_type == TensorProto.FLOAT16:  # fp16 weights as exact fp32 copies
+            model.graph.initializer[i].CopyFrom(
+                numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
+
+    def rounded(src_name: str, dst_name: str) -> list:
+        mid = f"{dst_name}__rounded"
+        return [helper.make_node("Cast", [src_name], [mid], to=TensorProto.FLOAT16, name=f"{mid}_to_fp16"),
+                helper.make_node("Cast", [mid], [dst_name], to=TensorProto.FLOAT, name=f"{mid}_to_fp32")]
+
+    nodes = []
+    for node in model.graph.node:
+        to = next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+        if to == TensorProto.FLOAT16:  # into an island: round
+            nodes += rounded(node.input[0], node.output[0])
+        elif to == TensorProto.FLOAT and node.input[0].endswith("__fp16"):  # out of one: already fp32
+            nodes.append(helper.make_node("Identity", [node.input[0]], [node.output[0]], name=node.name))
+        elif any(o.endswith("__fp16") for o in node.output):  # an fp16 op: fp32 math, rounded result
+            outputs = list(node.output)
+            del node.output[:]
+            node.output.extend(f"{o}__fp32" for o in outputs)
+            nodes.append(node)
+            for o in outputs:
+                nodes += rounded(f"{o}__fp32", o)
+        else:
+            nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    graph.save(model, dst)

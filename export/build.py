@@ -12,6 +12,7 @@ costs the video its quality bar, the VAE stages keep their fp32 graph and the ma
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import platform
@@ -46,8 +47,8 @@ VAE_STAGES = ("vae_encoder", "vae_decoder")
 ORT_GRAPH = "onnx/{precision}/dit.ort.onnx"
 ORT_GRAPH_PRECISIONS = ("fp32", "int8")
 ORT_GRAPH_OPS = [f"{CONTRIB_DOMAIN}.{op}" for op in CONTRIB_OPS]
-CPU_FP16_NOTE = ("measured on the CPU, where ONNX Runtime computes fp16 islands in fp32: this is "
-                 "the error of the fp16 weights only, not of fp16 activations")
+FP16_EMULATION_NOTE = ("measured on the CPU through fp32 graphs that round every fp16 tensor "
+                       "(engines/fp16.py emulate): fp16 storage, fp32 arithmetic")
 RANGE_SAMPLES = 24  # DiT calls used to measure activation ranges for fp16 (spread over steps)
 
 
@@ -184,6 +185,36 @@ def reduce_graph(precision: str, src: Path, dst: Path, stage: str, samples,
     return int8.quantize(src, dst, samples, layers)
 
 
+def emulating_fp16(precision: str) -> bool:
+    """fp16 measured on a CPU-only ONNX Runtime, which would silently run fp16 islands in fp32."""
+    return precision == "fp16" and available_providers() == ["CPUExecutionProvider"]
+
+
+@contextlib.contextmanager
+def measurable(manifest: Manifest, root: Path, precision: str):
+    """The manifest to measure `precision` with: itself, except for fp16 on a CPU, where the
+    fp16 graphs are swapped for fp32 emulations that round every fp16 tensor (engines/fp16.py),
+    written next to them for the sessions to load and removed again (never shipped)."""
+    if not emulating_fp16(precision):
+        yield manifest
+        return
+    stages, written = dict(manifest.stages), []
+    for name in STAGE_NAMES:
+        art = stages[name].artifacts[precision]
+        if not art.path.startswith(f"onnx/{precision}/"):
+            continue  # kept fp32
+        rel = art.path.removesuffix(".onnx") + ".emulated.onnx"
+        fp16.emulate(root / art.path, root / rel)
+        written += [root / rel, root / f"{rel}.data"]
+        stages[name] = dataclasses.replace(
+            stages[name], artifacts={**stages[name].artifacts, precision: dataclasses.replace(art, path=rel)})
+    try:
+        yield dataclasses.replace(manifest, stages=stages)
+    finally:
+        for path in written:
+            path.unlink(missing_ok=True)
+
+
 def build_reduced(precision: str, manifest: Manifest, root: Path, samples, holdout,
                   calib: CalibrationConfig, float_layers: tuple[str, ...] | None) -> dict:
     """Write `precision` graphs for every stage, measure them, fall back to fp32 VAE stages if
@@ -212,7 +243,8 @@ def build_reduced(precision: str, manifest: Manifest, root: Path, samples, holdo
     seeds = list(calib.holdout_seeds)
 
     def measure() -> tuple[Pipeline, dict]:
-        pipe = Pipeline(root, manifest, OnnxRuntimeBackend(root, manifest, precision))
+        with measurable(manifest, root, precision) as m:
+            pipe = Pipeline(root, m, OnnxRuntimeBackend(root, m, precision))
         return pipe, quality.end_to_end(fp32_pipe, pipe, images, seeds)
 
     pipe, e2e = measure()
@@ -227,7 +259,8 @@ def build_reduced(precision: str, manifest: Manifest, root: Path, samples, holdo
                                            f"{precision} VAE gave {reduced_psnr:.1f} dB end to end, below {bar:g} dB"})
         vae_note = f"fp32 ({precision} VAE: {reduced_psnr:.1f} dB < {bar:g} dB)"
         pipe, e2e = measure()
-    portable = {p: OnnxRuntimeBackend(root, manifest, p, contrib_ops=False).stages for p in ("fp32", precision)}
+    with measurable(manifest, root, precision) as m:
+        portable = {p: OnnxRuntimeBackend(root, m, p, contrib_ops=False).stages for p in ("fp32", precision)}
     metric = "max_abs / max|fp32|, held-out inputs"
     for name in STAGE_NAMES:
         held = _every(holdout[name], 12)
@@ -246,14 +279,11 @@ def build_reduced(precision: str, manifest: Manifest, root: Path, samples, holdo
         "stage_max_rel": {n: (a.ort_graph or {"validation": a.validation})["validation"]["max_rel"]
                           for n in STAGE_NAMES for a in [manifest.stages[n].artifacts[precision]]},
         "providers": available_providers(),
+        **({"note": FP16_EMULATION_NOTE} if emulating_fp16(precision) else {}),
         "measured_on": {"seeds": seeds, "frames": manifest.video["frames"],
                         "height": manifest.video["height"], "width": manifest.video["width"],
                         "steps": manifest.sampler["steps"]},
     }
-    if precision == "fp16" and record["providers"] == ["CPUExecutionProvider"]:
-        # ONNX Runtime has no fp16 MatMul/Conv kernels on x86 CPUs: it casts back to fp32 and
-        # then drops the fp32 -> fp16 -> fp32 cast pairs, so only the fp16 weights are measured.
-        record["note"] = CPU_FP16_NOTE
     log.info("%s: end-to-end PSNR vs fp32 %.1f dB (bar %g), VAE %s, stage rel err %s, in %.1f s",
              precision, e2e["psnr_db"], bar, vae_note,
              ", ".join(f"{n} {v:.1e}" for n, v in record["stage_max_rel"].items()),
