@@ -17,10 +17,13 @@ cross-attention that looks at the reference patch at its own position. From a pl
 start neither learned enough in the 30-minute CPU budget.
 
 Each stage runs a fixed number of steps under a wall-clock cap (`schedule`): on a machine as
-fast as the defaults assume, the run depends on the seed only (data, init and noise are all
-seeded; clip k of a stream is the same whatever batch it lands in); on a slower one the cap
-ends the stage early, with the learning rate annealed by the clock. Every step goes to a JSONL
-log next to the weights, the last line a summary.
+fast as the defaults assume, the run is fixed by the seed (data, init and noise are all seeded;
+clip k of a stream is the same whatever batch it lands in); on a slower one the cap ends the
+stage early, with the learning rate annealed by the clock. With one thread a rerun gives the
+same weights bit for bit; with two (the default, to fit 30 minutes) PyTorch's threaded kernels
+sum in a varying order, so two runs part after ~100 steps and end at the same quality, not
+the same bits (measured: see README). Every step goes to a JSONL log next to the weights, the
+last line a summary.
 
     python -m export.train --preset small --out export/pretrained/small.safetensors
 """
@@ -697,8 +700,9 @@ Each stage runs its step count unless its --minutes-* cap comes first (then the 
     @click.option("--pool-clips", type=click.IntRange(min=1), default=DiTTraining.pool_clips,
                   show_default=True, help="Clips encoded once for DiT training.")
     @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
-                  help="torch CPU threads (the defaults' step counts were timed with 2 on a 2-core "
-                       "machine; the same seed and thread count give the same weights).")
+                  help="torch CPU threads. The defaults' step counts were timed with 2 on a 2-core "
+                       "machine. One thread is bit-reproducible but needs about 45 minutes: raise "
+                       "--minutes-vae/--minutes-dit, or the caps end the stages early.")
     @click.option("--fp32", is_flag=True, help="Save float32 weights (default float16).")
     @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
     @click.option("--debug", is_flag=True, help="Tracebacks.")
