@@ -48,7 +48,7 @@ def test_quality_report(manifest):
         for name, stage in manifest["stages"].items():
             assert stage["artifacts"][p]["validation"]["finite"]
     assert 0 < q["int8"]["stage_max_rel"]["dit"] < 0.5  # quantized, and not broken
-    # on a CPU-only ONNX Runtime the fp16 figure is the fp16 weights' error only, and says so
+    # on a CPU-only ONNX Runtime fp16 is measured through emulations, and the report says so
     cpu_only = q["fp16"]["providers"] == ["CPUExecutionProvider"]
     assert ("note" in q["fp16"]) == cpu_only and "note" not in q["int8"]
     cal = manifest["calibration"]
