@@ -185,8 +185,9 @@ PRESETS: dict[str, ModelConfig] = {
         name="small",
         vae=VAEConfig(base_dim=8),
         dit=DiTConfig(dim=128, ffn_dim=512, num_heads=4, num_layers=4),
-        # guidance 2.5 kept the reference's colours best on 8 held-out clips (colour error of
-        # frames 1-16 vs the reference, export/quality.py: 1.5: 57, 2.5: 49, 3.5: 53, 5: 61)
+        # guidance 2.5 kept the reference's colours and shape best on 8 held-out clips (colour
+        # error / shape IoU of frames 1-16, export/quality.py: 2.0: 46 / 0.536, 2.5: 43 / 0.538,
+        # 3.0: 43 / 0.531, 3.5: 44 / 0.522)
         sampler=SamplerConfig(guidance=2.5),
         weights="pretrained/small.safetensors",
     ),

@@ -4,8 +4,9 @@ Flow matching: x_sigma = (1 - sigma) * x0 + sigma * noise, the DiT predicts v = 
 Sigmas run from 1 to 0 in `steps` uniform steps, shifted by sigma' = s*sigma / (1 + (s-1)*sigma)
 (more steps at high noise); the DiT sees t = 1000 * sigma'. CFG: v = v_u + g * (v_c - v_u),
 both branches in one batch-2 call; g == 1 skips the unconditional branch. Latent frame 0 is
-the reference latent itself (causal VAE), so after each step it is put back on the reference's
-straight path (`anchor_first_frame`), as Wan2.2's image-to-video keeps its first frame.
+the reference latent itself (causal VAE), so it is given, clean, rather than denoised
+(`with_reference_frame`, as in training): the DiT's input always carries it, and the
+unconditional branch carries zeros there as in its cross-attention context.
 
 Solvers (both return the next sample and this step's x0 estimate, which the next step of a
 multistep solver takes back; no hidden step counter):
@@ -60,12 +61,12 @@ def dpmpp_2m_step(x, v, sigmas, i, prev_x0=None):
 SOLVERS = {"euler": euler_step, "dpm++2m": dpmpp_2m_step}
 
 
-def anchor_first_frame(x, ref_latent, noise, sigma: float):
-    """Latent frame 0 is the reference latent (the causal VAE encodes video frame 0 alone, like
-    the reference image): after every step it is reset to (1 - sigma) ref + sigma noise."""
-    out = x.clone()
-    out[:, :, :1] = (1 - sigma) * ref_latent + sigma * noise[:, :, :1]
-    return out
+def with_reference_frame(x, ref_latent):
+    """x with latent frame 0 replaced by the clean reference latent. Frame 0 of a video latent
+    *is* the reference latent (the causal VAE encodes video frame 0 alone, like the image), so
+    the DiT is given it rather than asked for it, in training and at every sampling step (as
+    Wan2.2's text-image-to-video does); zeros for CFG's unconditional branch."""
+    return torch.cat([ref_latent.expand(x.shape[0], -1, -1, -1, -1), x[:, :, 1:]], dim=2)
 
 
 def to_unit(frames_uint8: np.ndarray) -> torch.Tensor:
@@ -90,8 +91,8 @@ class ReferencePipeline:
         t = torch.full((1,), 1000.0 * sigma, dtype=torch.float32)
         if guidance == 1.0:
             return self.dit(x, t, ref_latent)
-        v_c, v_u = self.dit(torch.cat([x, x]), torch.cat([t, t]),
-                            torch.cat([ref_latent, torch.zeros_like(ref_latent)])).chunk(2)
+        refs = torch.cat([ref_latent, torch.zeros_like(ref_latent)])  # conditional, null
+        v_c, v_u = self.dit(with_reference_frame(torch.cat([x, x]), refs), torch.cat([t, t]), refs).chunk(2)
         return v_u + guidance * (v_c - v_u)
 
     @torch.no_grad()
@@ -99,13 +100,13 @@ class ReferencePipeline:
                shift: float, solver: str) -> torch.Tensor:
         """image uint8 (H, W, 3), noise (1, C, F, h, w) -> clean latent (1, C, F, h, w)."""
         ref_latent = self.vae.encode(to_unit(image[None]))  # (1, C, 1, h, w)
-        x = noise = torch.from_numpy(noise).float()
+        x = with_reference_frame(torch.from_numpy(noise).float(), ref_latent)
         sigmas = flow_sigmas(steps, shift)
         step, x0 = SOLVERS[solver], None
         for i in range(steps):
             v = self.velocity(x, float(sigmas[i]), ref_latent, guidance)
             x, x0 = step(x, v, sigmas, i, x0)
-            x = anchor_first_frame(x, ref_latent, noise, float(sigmas[i + 1]))
+            x = with_reference_frame(x, ref_latent)
         return x
 
     @torch.no_grad()

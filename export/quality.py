@@ -216,7 +216,7 @@ def evaluate(vae, dit, cfg, seed: int = 1, clips: int = 8, steps: int | None = N
              guidance: float | None = None) -> dict:
     """Held-out VAE PSNR, and identity + motion of clips generated from held-out references,
     with the same metrics on the ground-truth clips for scale. Identity is measured on frames
-    1.. only: frame 0 is the reference by construction (first-frame anchoring), so its
+    1.. only: frame 0 is the reference by construction (the DiT is given it), so its
     `first_frame_psnr` is that of frame 1."""
     spec = ClipSpec(frames=cfg.video.frames, height=cfg.video.height, width=cfg.video.width)
     truth = clip_batch(seed, clips, spec, STREAM_HELDOUT)

@@ -8,8 +8,10 @@
     stage 2  DiT    flow matching on normalized latents of whole clips:
                     x_sigma = (1 - sigma) x0 + sigma noise, target v = noise - x0,
                     timestep 1000 sigma; sigma is the sampler's shifted-uniform distribution;
-                    reference latent = `WanVAE.encode(frame 0)`, replaced by zeros (the null
-                    context of CFG) with probability `p_uncond`
+                    reference latent = `WanVAE.encode(frame 0)`, given twice: as the
+                    cross-attention context and, clean, as latent frame 0 of the input (the
+                    loss covers frames 1..); both replaced by zeros (the null condition of
+                    CFG) with probability `p_uncond`
 
 Both models start from a working point rather than noise (`init_for_training`): the VAE as a
 box-filter autoencoder (~24 dB before its first step), the DiT with adaLN-zero blocks and a
@@ -47,7 +49,7 @@ from tqdm import tqdm
 
 from export.config import ModelConfig
 from export.dit import WanDiT
-from export.pipeline import to_unit
+from export.pipeline import to_unit, with_reference_frame
 from export.quality import vae_psnr
 from export.synthetic import ClipSpec, clip_batch, clip_rng, random_crop
 from export.vae import ResidualBlock, WanVAE
@@ -521,15 +523,24 @@ def sample_sigmas(batch: int, shift: float, gen: torch.Generator) -> torch.Tenso
 
 def flow_matching_loss(dit: WanDiT, x0: torch.Tensor, ref: torch.Tensor, shift: float,
                        p_uncond: float, gen: torch.Generator) -> torch.Tensor:
-    """x0 (B, C, F, h, w), ref (B, C, 1, h, w): MSE between the DiT's velocity and noise - x0."""
+    """x0 (B, C, F, h, w), ref (B, C, 1, h, w): MSE between the DiT's velocity and noise - x0
+    on latent frames 1.., with latent frame 0 of the input being the clean reference
+    (`with_reference_frame`, as the pipelines sample). A dropped reference (CFG's unconditional
+    branch) is zeros in both places: the cross-attention context and frame 0.
+
+    Measured against noising frame 0 like the others (the previous recipe, which put frame 0
+    back on its flow path while sampling), 3,000 steps each, 2 seeds x 16 held-out clips,
+    guidance 2.5 (GPU runs, see README): colour error 44 vs 53, shape IoU 0.56 vs 0.54, travel
+    19 vs 15 px. Keeping frame 0 clean in the unconditional branch as well: 49, 0.53, 22 px."""
     B = x0.shape[0]
     sigma = sample_sigmas(B, shift, gen)
     noise = torch.randn(x0.shape, generator=gen)
     s = sigma.view(B, 1, 1, 1, 1)
-    x_sigma = (1 - s) * x0 + s * noise
     keep = (torch.rand(B, generator=gen) >= p_uncond).float().view(B, 1, 1, 1, 1)
-    v = dit(x_sigma, 1000.0 * sigma, ref * keep)  # dropped reference = zeros = the null context
-    return F.mse_loss(v, noise - x0)
+    ref = ref * keep
+    x_sigma = with_reference_frame((1 - s) * x0 + s * noise, ref)
+    v = dit(x_sigma, 1000.0 * sigma, ref)
+    return F.mse_loss(v[:, :, 1:], (noise - x0)[:, :, 1:])  # frame 0 is given, not predicted
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ import numpy as np
 from runtime.backends import open_backend
 from runtime.errors import WanError
 from runtime.manifest import Manifest, load_manifest
-from runtime.solvers import SOLVERS, anchor_first_frame, flow_sigmas, guided, timestep
+from runtime.solvers import SOLVERS, flow_sigmas, guided, timestep, with_reference_frame
 from runtime.stages import STREAM_STAGE_NAMES
 
 
@@ -152,7 +152,8 @@ class Pipeline:
 
     def dit_reference(self, ref_latent, guidance: float):
         """The DiT's `ref_latent` input for every step: with guidance != 1 the conditional and
-        null-reference (all-zero latent) branches run as one batch-2 call. Built once per video."""
+        null-reference (all-zero latent) branches run as one batch-2 call. Built once per video;
+        each branch's latent frame 0 is its reference too (`with_reference_frame`)."""
         if guidance == 1.0:
             return ref_latent
         return self.xp.concatenate([ref_latent, self.xp.zeros_like(ref_latent)])
@@ -162,22 +163,22 @@ class Pipeline:
         dit, xp = self.stages["dit"], self.xp
         batch = dit_ref.shape[0]
         t = xp.full((batch,), timestep(sigma), dtype=xp.float32)
-        latent = x if batch == 1 else xp.concatenate([x] * batch)
+        latent = x if batch == 1 else with_reference_frame(xp.concatenate([x] * batch), dit_ref)
         v = dit(latent=latent, timestep=t, ref_latent=dit_ref)["velocity"]
         return v if batch == 1 else guided(v[:1], v[1:], guidance)
 
     def denoise(self, ref_latent: np.ndarray, noise: np.ndarray, req: Request,
                 on_step: Callable[[int, float], None] | None = None) -> np.ndarray:
         """Integrate the flow from noise (sigma 1) to a clean latent (sigma 0), with latent
-        frame 0 held on the reference's path (`anchor_first_frame`)."""
+        frame 0 the clean reference latent throughout (`with_reference_frame`)."""
         sigmas = flow_sigmas(req.steps, req.shift)
         dit_ref = self.dit_reference(ref_latent, req.guidance)  # constant across steps
-        step, x, x0 = SOLVERS[req.solver], noise, None
+        step, x, x0 = SOLVERS[req.solver], with_reference_frame(noise, ref_latent), None
         for i in range(req.steps):
             t0 = time.perf_counter()
             v = self.velocity(x, float(sigmas[i]), dit_ref, req.guidance)
             x, x0 = step(x, v, sigmas, i, x0)
-            x = anchor_first_frame(x, ref_latent, noise, float(sigmas[i + 1]))
+            x = with_reference_frame(x, ref_latent)
             if on_step is not None:
                 on_step(i, time.perf_counter() - t0)
         return x

@@ -55,16 +55,16 @@ def dpmpp_2m_step(x, v, sigmas, i, prev_x0=None):
 SOLVERS = {"euler": euler_step, "dpm++2m": dpmpp_2m_step}
 
 
-def anchor_first_frame(x, ref_latent, noise, sigma: float):
-    """x with latent frame 0 put back on the reference's flow: (1 - sigma) ref + sigma noise.
+def with_reference_frame(x, ref_latent):
+    """x with latent frame 0 replaced by the clean reference latent, per batch item.
 
     Frame 0 of a video latent *is* the reference latent (the causal VAE encodes video frame 0
-    on its own, just as it encodes the reference image), so after every step it is set to the
-    point of its straight path at the new sigma, from the noise it started from; the last step
-    (sigma 0) leaves exactly the reference, and the other frames are denoised next to it.
+    on its own, just as it encodes the reference image), so the DiT is given it rather than
+    asked to denoise it: the initial latent and every step's result carry it, and the CFG
+    batch carries each branch's reference (zeros for the unconditional one), as in training.
     Returns a new array (a solver may return the same array twice)."""
     out = x.copy()
-    out[:, :, :1] = (1 - sigma) * ref_latent + sigma * noise[:, :, :1]  # (B, C, 1, h, w)
+    out[:, :, :1] = ref_latent  # (B or 1, C, 1, h, w)
     return out
 
 

@@ -43,12 +43,20 @@ def engines_of(manifest: Manifest, precision: str, root: Path) -> dict[str, dict
 
 
 def check_engines(engines: dict[str, dict], root: Path, flavour: str, version: str,
-                  compute_capability: str) -> None:
+                  compute_capability: str, supported: list[str] | None = None) -> None:
     """Refuse engines from another TensorRT flavour/version or built for another GPU.
 
     `compute_capability` is this GPU's, as "SM86". Engines record their targets; "builder
     default" (TensorRT-RTX without explicit targets) means every architecture it supports.
+    `supported`: the architectures the installed TensorRT-RTX can target at all (its
+    `ComputeCapability` enum); it has no datacenter Hopper/Blackwell (SM90, SM100), and on
+    those its engines fail to load with no reason given, so this says so first.
     """
+    if supported is not None and compute_capability not in supported:
+        raise WanError(f"{flavour} {version} does not run on this GPU ({compute_capability}; it "
+                       f"supports {', '.join(sorted(supported))}): build the engines with the full "
+                       "TensorRT on this machine (pip install tensorrt; wan-export --tensorrt "
+                       "--trt-flavour tensorrt), or use --backend onnxruntime")
     for name, e in engines.items():
         b = e["builder"]
         if b["flavour"] != flavour or b["version"] != version:
@@ -110,7 +118,9 @@ class TensorRTBackend:
             gpu = "SM" + cp.cuda.Device().compute_capability  # cupy gives e.g. "86"
         except Exception as exc:  # cupy raises CUDARuntimeError without a driver or GPU
             raise WanError(f"--backend tensorrt needs an NVIDIA GPU ({str(exc).splitlines()[0]})")
-        check_engines(engines, root, flavour, trt.__version__, gpu)
+        supported = ([c for c in dir(trt.ComputeCapability) if c.startswith("SM")]
+                     if hasattr(trt, "ComputeCapability") else None)  # TensorRT-RTX only
+        check_engines(engines, root, flavour, trt.__version__, gpu, supported)
         self.xp, self._cp = cp, cp
         self.stream = cp.cuda.Stream(non_blocking=True)
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))

@@ -173,6 +173,11 @@ def test_runtime_refuses_mismatched_engines(reduced_dir, tmp_path):
     targeted = {k: {**e, "compute_capabilities": ["SM86"]} for k, e in engines.items()}
     with pytest.raises(WanError, match="this GPU is SM90"):
         check_engines(targeted, reduced_dir, flavour, version, "SM90")
+    # TensorRT-RTX has no Hopper (SM90) target; engines fail to load there without a reason
+    rtx_targets = ["SM75", "SM80", "SM86", "SM89", "SM120", "SM121"]
+    check_engines(engines, reduced_dir, flavour, version, "SM89", rtx_targets)
+    with pytest.raises(WanError, match=r"does not run on this GPU \(SM90; it supports SM120"):
+        check_engines(engines, reduced_dir, flavour, version, "SM90", rtx_targets)
     with pytest.raises(WanError, match="accepts F from 1 to 5, got 9"):
         check_profile(engines["dit"], "dit", {"B": 2, "F": 9, "Hp": 4, "Wp": 4})
     fp32_only = tmp_path / "fp32"

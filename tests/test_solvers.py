@@ -78,18 +78,17 @@ def test_guidance():
     assert solvers.guided(c, u, 5.0) == 6.0
 
 
-def test_first_frame_anchor():
-    """Frame 0 is put on the reference's straight path; the other frames and the input are
-    left alone; numpy and torch agree bit for bit; sigma 0 leaves the reference itself."""
+def test_reference_frame():
+    """Frame 0 becomes each batch item's reference (one shared, or one per item as in the CFG
+    batch); the other frames and the input are left alone; numpy and torch agree."""
     rng = np.random.default_rng(2)
-    x, noise = rng.standard_normal((2, 1, 4, 3, 5, 6)).astype(np.float32)
-    ref_latent = rng.standard_normal((1, 4, 1, 5, 6)).astype(np.float32)
+    x = rng.standard_normal((2, 4, 3, 5, 6)).astype(np.float32)
     before = x.copy()
-    for sigma in (1.0, 0.37, 0.0):
-        got = solvers.anchor_first_frame(x, ref_latent, noise, sigma)
+    for refs in (rng.standard_normal((1, 4, 1, 5, 6)), rng.standard_normal((2, 4, 1, 5, 6))):
+        refs = refs.astype(np.float32)
+        got = solvers.with_reference_frame(x, refs)
         np.testing.assert_array_equal(x, before)
         np.testing.assert_array_equal(got[:, :, 1:], x[:, :, 1:])
-        np.testing.assert_allclose(got[:, :, :1], (1 - sigma) * ref_latent + sigma * noise[:, :, :1], atol=1e-7)
-        want = ref.anchor_first_frame(*(torch.from_numpy(a) for a in (x, ref_latent, noise)), sigma)
+        np.testing.assert_array_equal(got[:, :, :1], np.broadcast_to(refs, (2, 4, 1, 5, 6)))
+        want = ref.with_reference_frame(torch.from_numpy(x), torch.from_numpy(refs))
         np.testing.assert_array_equal(got, want.numpy())
-    np.testing.assert_array_equal(got[:, :, :1], ref_latent)

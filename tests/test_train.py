@@ -29,6 +29,7 @@ from export.train import (
     DiTTraining,
     TrainingConfig,
     VAETraining,
+    flow_matching_loss,
     init_for_training,
     log_path_for,
     rail_masks,
@@ -138,6 +139,26 @@ def test_training_is_reproducible_from_the_seed(tiny_run, tmp_path):
     a, b = load_file(out), load_file(again)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dit_is_given_the_clean_reference_as_frame_0():
+    """The loss feeds the reference (or, dropped, zeros) as latent frame 0 and as the context,
+    and scores frames 1.. only: a wild frame-0 output costs nothing."""
+    gen = torch.Generator().manual_seed(0)
+    x0, ref = torch.randn(4, 3, 3, 4, 4), torch.randn(4, 3, 1, 4, 4)
+    seen = {}
+
+    def dit(x, t, context):
+        seen.update(x=x, context=context)
+        out = torch.zeros_like(x)
+        out[:, :, 0] = 1e3
+        return out
+
+    for p_uncond, given in ((0.0, ref), (1.0, torch.zeros_like(ref))):
+        loss = flow_matching_loss(dit, x0, ref, 5.0, p_uncond, gen)
+        assert torch.equal(seen["x"][:, :, :1], given) and torch.equal(seen["context"], given)
+        assert not torch.equal(seen["x"][:, :, 1:], x0[:, :, 1:])  # the rest is noised
+        assert float(loss) < 10.0  # E[(noise - x0)^2] = 2 on frames 1..; frame 0 would add 1e6
 
 
 def test_schedule_warms_up_anneals_and_respects_the_clock():
