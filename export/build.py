@@ -215,6 +215,14 @@ def measurable(manifest: Manifest, root: Path, precision: str):
             path.unlink(missing_ok=True)
 
 
+def portable_stages(root: Path, manifest: Manifest, precision: str, opened: dict) -> dict:
+    """Sessions of the portable graphs (what TensorRT builds) at `precision`: `opened` (a
+    backend's stages) where it already runs them, i.e. where no stage has an ONNX Runtime graph."""
+    if all(manifest.stages[n].artifacts[precision].ort_graph is None for n in STAGE_NAMES):
+        return opened
+    return OnnxRuntimeBackend(root, manifest, precision, contrib_ops=False).stages
+
+
 def build_reduced(precision: str, manifest: Manifest, root: Path, samples, holdout,
                   calib: CalibrationConfig, float_layers: tuple[str, ...] | None) -> dict:
     """Write `precision` graphs for every stage, measure them, fall back to fp32 VAE stages if
@@ -242,12 +250,17 @@ def build_reduced(precision: str, manifest: Manifest, root: Path, samples, holdo
               for s in calib.holdout_seeds]
     seeds = list(calib.holdout_seeds)
 
-    def measure() -> tuple[Pipeline, dict]:
+    fp32_portable = portable_stages(root, manifest, "fp32", fp32_pipe.stages)
+
+    def measure() -> tuple[Pipeline, dict, dict]:
+        """The reduced pipeline, its portable stage sessions and its end-to-end quality: the
+        graphs (fp16 emulations on a CPU) are written and opened once per measurement."""
         with measurable(manifest, root, precision) as m:
             pipe = Pipeline(root, m, OnnxRuntimeBackend(root, m, precision))
-        return pipe, quality.end_to_end(fp32_pipe, pipe, images, seeds)
+            portable = portable_stages(root, m, precision, pipe.stages)
+        return pipe, portable, quality.end_to_end(fp32_pipe, pipe, images, seeds)
 
-    pipe, e2e = measure()
+    pipe, portable, e2e = measure()
     bar = quality.PSNR_BARS_DB[precision]
     vae_note = f"{precision}"
     if not (e2e["finite"] and e2e["psnr_db"] >= bar):
@@ -258,14 +271,12 @@ def build_reduced(precision: str, manifest: Manifest, root: Path, samples, holdo
                 precision, fp32.path, {}, {"kept": "fp32", "reason":
                                            f"{precision} VAE gave {reduced_psnr:.1f} dB end to end, below {bar:g} dB"})
         vae_note = f"fp32 ({precision} VAE: {reduced_psnr:.1f} dB < {bar:g} dB)"
-        pipe, e2e = measure()
-    with measurable(manifest, root, precision) as m:
-        portable = {p: OnnxRuntimeBackend(root, m, p, contrib_ops=False).stages for p in ("fp32", precision)}
+        pipe, portable, e2e = measure()
     metric = "max_abs / max|fp32|, held-out inputs"
     for name in STAGE_NAMES:
         held = _every(holdout[name], 12)
         art = manifest.stages[name].artifacts[precision]
-        err = quality.stage_error(portable["fp32"][name], portable[precision][name], held)
+        err = quality.stage_error(fp32_portable[name], portable[name], held)
         ort_graph = art.ort_graph
         if ort_graph is not None:
             ort_err = quality.stage_error(fp32_pipe.stages[name], pipe.stages[name], held)

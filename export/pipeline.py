@@ -87,12 +87,13 @@ class ReferencePipeline:
     dit: WanDiT
 
     @torch.no_grad()
-    def velocity(self, x, sigma: float, ref_latent, guidance: float):
-        t = torch.full((1,), 1000.0 * sigma, dtype=torch.float32)
-        if guidance == 1.0:
-            return self.dit(x, t, ref_latent)
-        refs = torch.cat([ref_latent, torch.zeros_like(ref_latent)])  # conditional, null
-        v_c, v_u = self.dit(with_reference_frame(torch.cat([x, x]), refs), torch.cat([t, t]), refs).chunk(2)
+    def velocity(self, x, sigma: float, refs, guidance: float):
+        """refs (1 or 2, C, 1, h, w): the reference, then with CFG the null one (`sample` builds
+        them once per video); both branches run as one batch-2 call."""
+        t = torch.full((refs.shape[0],), 1000.0 * sigma, dtype=torch.float32)
+        if refs.shape[0] == 1:
+            return self.dit(x, t, refs)
+        v_c, v_u = self.dit(with_reference_frame(torch.cat([x, x]), refs), t, refs).chunk(2)
         return v_u + guidance * (v_c - v_u)
 
     @torch.no_grad()
@@ -100,11 +101,12 @@ class ReferencePipeline:
                shift: float, solver: str) -> torch.Tensor:
         """image uint8 (H, W, 3), noise (1, C, F, h, w) -> clean latent (1, C, F, h, w)."""
         ref_latent = self.vae.encode(to_unit(image[None]))  # (1, C, 1, h, w)
+        refs = ref_latent if guidance == 1.0 else torch.cat([ref_latent, torch.zeros_like(ref_latent)])
         x = with_reference_frame(torch.from_numpy(noise).float(), ref_latent)
         sigmas = flow_sigmas(steps, shift)
         step, x0 = SOLVERS[solver], None
         for i in range(steps):
-            v = self.velocity(x, float(sigmas[i]), ref_latent, guidance)
+            v = self.velocity(x, float(sigmas[i]), refs, guidance)
             x, x0 = step(x, v, sigmas, i, x0)
             x = with_reference_frame(x, ref_latent)
         return x
