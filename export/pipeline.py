@@ -98,14 +98,24 @@ class ReferencePipeline:
 
     @torch.no_grad()
     def sample(self, image: np.ndarray, noise: np.ndarray, steps: int, guidance: float,
-               shift: float, solver: str) -> torch.Tensor:
-        """image uint8 (H, W, 3), noise (1, C, F, h, w) -> clean latent (1, C, F, h, w)."""
+               shift: float, solver: str, start: torch.Tensor | None = None,
+               start_sigma: float = 1.0) -> torch.Tensor:
+        """image uint8 (H, W, 3), noise (1, C, F, h, w) -> clean latent (1, C, F, h, w).
+
+        For measurement only (export/quality.py; wan-run always starts from noise): with a
+        latent `start`, sampling begins at the first scheduled sigma s <= `start_sigma` from
+        (1 - s) start + s noise and runs the remaining steps."""
         ref_latent = self.vae.encode(to_unit(image[None]))  # (1, C, 1, h, w)
         refs = ref_latent if guidance == 1.0 else torch.cat([ref_latent, torch.zeros_like(ref_latent)])
-        x = with_reference_frame(torch.from_numpy(noise).float(), ref_latent)
         sigmas = flow_sigmas(steps, shift)
+        first = int((sigmas > start_sigma).sum()) if start is not None else 0
+        x = torch.from_numpy(noise).float()
+        if first:
+            s = float(sigmas[first])
+            x = (1 - s) * start + s * x
+        x = with_reference_frame(x, ref_latent)
         step, x0 = SOLVERS[solver], None
-        for i in range(steps):
+        for i in range(first, steps):
             v = self.velocity(x, float(sigmas[i]), refs, guidance)
             x, x0 = step(x, v, sigmas, i, x0)
             x = with_reference_frame(x, ref_latent)

@@ -17,9 +17,11 @@ from export.dit import WanDiT
 from export.quality import (
     aligned_iou,
     foreground_mask,
+    generate,
     identity,
     identity_report,
     psnr,
+    reconstruct,
     vae_psnr,
     video_motion,
 )
@@ -237,3 +239,24 @@ def test_motion_of_a_still_video_is_zero():
     assert video_motion(still)["motion_px"] == 0.0 and video_motion(still)["frame_change"] == 0.0
     assert identity(still, clip.reference).shape_iou == 1.0
     assert video_motion(clip.frames)["motion_px"] > 10
+
+
+def test_restart_from_the_true_latent():
+    """restart_sigma 0 runs no step (the clip comes back as the VAE's reconstruction of the
+    truth), 1 is plain sampling from noise, and in between starts part-way down the schedule."""
+    cfg = PRESETS["tiny"]
+    vae, dit = build_models(cfg)
+    v = cfg.video
+    truths = clip_batch(3, 2, ClipSpec(frames=v.frames, height=v.height, width=v.width))
+    refs = [c[0] for c in truths]
+    with torch.no_grad():
+        kept = generate(vae, dit, refs, cfg, truths=truths, restart_sigma=0.0)
+        half = generate(vae, dit, refs, cfg, truths=truths, restart_sigma=0.7)  # sigmas 1, .94, .83, .63, 0
+        from_noise = generate(vae, dit, refs, cfg, truths=truths, restart_sigma=1.0)
+        plain = generate(vae, dit, refs, cfg)
+    for got, truth in zip(kept, truths):
+        assert np.abs(got.astype(int) - reconstruct(vae, truth).astype(int)).max() <= 1
+    for a, b in zip(from_noise, plain):
+        np.testing.assert_array_equal(a, b)
+    for h, k, n in zip(half, kept, plain):
+        assert not np.array_equal(h, k) and not np.array_equal(h, n)
