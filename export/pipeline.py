@@ -123,6 +123,7 @@ class ReferencePipeline:
 
     @torch.no_grad()
     def generate(self, image: np.ndarray, noise: np.ndarray, steps: int, guidance: float,
-                 shift: float, solver: str) -> torch.Tensor:
+                 shift: float, solver: str, start: torch.Tensor | None = None,
+                 start_sigma: float = 1.0) -> torch.Tensor:
         """`sample`, then decode: video (1, 3, T, H, W) in [-1, 1]."""
-        return self.vae.decode(self.sample(image, noise, steps, guidance, shift, solver))
+        return self.vae.decode(self.sample(image, noise, steps, guidance, shift, solver, start, start_sigma))

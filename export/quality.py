@@ -212,10 +212,10 @@ def generate(vae, dit, references, cfg, seed: int = 0, steps: int | None = None,
     for i, ref in enumerate(references):
         noise = np.random.default_rng(seed + i).standard_normal(shape).astype(np.float32)
         with torch.no_grad():
-            start = vae.encode(to_unit(truths[i])) if truths is not None else None
-            latent = pipe.sample(ref, noise, steps or s.steps, s.guidance if guidance is None else guidance,
-                                 s.shift, solver or s.solver, start=start, start_sigma=restart_sigma)
-            videos.append(to_uint8(vae.decode(latent)))
+            start = vae.encode(to_unit(truths[i])) if truths is not None and restart_sigma < 1.0 else None
+            video = pipe.generate(ref, noise, steps or s.steps, s.guidance if guidance is None else guidance,
+                                  s.shift, solver or s.solver, start, restart_sigma)
+        videos.append(to_uint8(video))
     return videos
 
 
@@ -228,8 +228,8 @@ def evaluate(vae, dit, cfg, seed: int = 1, clips: int = 8, steps: int | None = N
     spec = ClipSpec(frames=cfg.video.frames, height=cfg.video.height, width=cfg.video.width)
     truth = clip_batch(seed, clips, spec, STREAM_HELDOUT)
     refs = [c[0] for c in truth]
-    videos = generate(vae, dit, refs, cfg, seed=seed, steps=steps, guidance=guidance,
-                      truths=truth if restart_sigma < 1.0 else None, restart_sigma=restart_sigma)
+    videos = generate(vae, dit, refs, cfg, seed=seed, steps=steps, guidance=guidance, truths=truth,
+                      restart_sigma=restart_sigma)
     def summary(report: dict) -> dict:
         return {k: v for k, v in report.items() if k != "per_clip"}
 
