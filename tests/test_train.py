@@ -35,6 +35,7 @@ from export.train import (
     init_for_training,
     log_path_for,
     rail_masks,
+    sample_sigmas,
     schedule,
     train,
 )
@@ -163,6 +164,28 @@ def test_dit_is_given_the_clean_reference_as_frame_0():
         assert float(loss) < 10.0  # E[(noise - x0)^2] = 2 on frames 1..; frame 0 would add 1e6
 
 
+def test_training_sigmas_are_stratified_and_use_the_training_shift(monkeypatch):
+    """One sigma per stratum of the unshifted u; and the DiT stage shifts with
+    `DiTTraining.shift`, not with the sampler's shift (they differ on purpose)."""
+    sigma = sample_sigmas(8, 10.0, torch.Generator().manual_seed(0))
+    u = sigma / (10.0 - 9.0 * sigma)  # the inverse of shift*u / (1 + (shift-1)*u)
+    assert torch.equal(torch.sort(torch.floor(u * 8)).values, torch.arange(8.0))
+    shifts = []
+
+    def recording(batch, shift, gen):
+        shifts.append(shift)
+        return sample_sigmas(batch, shift, gen)
+
+    monkeypatch.setattr("export.train.sample_sigmas", recording)
+    cfg = PRESETS["tiny"]
+    training = dataclasses.replace(TINY_TRAINING, vae=dataclasses.replace(TINY_TRAINING.vae, steps=0),
+                                   dit=dataclasses.replace(TINY_TRAINING.dit, steps=2, pool_clips=2,
+                                                           val_clips=1, val_every=0, shift=7.0))
+    assert cfg.sampler.shift != 7.0
+    train(cfg, training, None, progress=False)
+    assert shifts and set(shifts) == {7.0}
+
+
 def test_schedule_warms_up_anneals_and_respects_the_clock():
     lrs = [lr for _, lr in schedule(100, 10.0, 1.0, warmup=10, min_frac=0.1)]
     assert len(lrs) == 100
@@ -203,6 +226,14 @@ def test_cli_refuses_a_dit_only_run_without_weights(tmp_path):
     r = subprocess.run([sys.executable, "-m", "export.train", "--vae-steps", "0", "--out",
                         str(tmp_path / "w.safetensors")], capture_output=True, text=True, check=False)
     assert r.returncode == 2 and "needs --init" in r.stderr
+
+
+def test_cli_refuses_a_non_positive_training_shift(tmp_path):
+    out = tmp_path / "w.safetensors"
+    r = subprocess.run([sys.executable, "-m", "export.train", "--dit-shift", "0", "--out", str(out)],
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 2 and "--dit-shift" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
 
 
 # --- quality metrics --------------------------------------------------------------------------
