@@ -185,9 +185,10 @@ PRESETS: dict[str, ModelConfig] = {
         name="small",
         vae=VAEConfig(base_dim=8),
         dit=DiTConfig(dim=128, ffn_dim=512, num_heads=4, num_layers=4),
-        # guidance 2.5 kept the reference's colours and shape best on 8 held-out clips (colour
-        # error / shape IoU of frames 1-16, export/quality.py: 2.0: 46 / 0.536, 2.5: 43 / 0.538,
-        # 3.0: 43 / 0.531, 3.5: 44 / 0.522)
+        # guidance 2.5 kept the reference's shape best, its colours nearly best, on 16 held-out
+        # clips (colour error / shape IoU of frames 1-16, export/quality.py: 1.5: 54 / 0.562,
+        # 2.0: 45 / 0.566, 2.5: 40.5 / 0.571, 3.0: 39.9 / 0.566, 4.0: 42.5 / 0.553); higher
+        # guidance also moves the background further from the reference's colour
         sampler=SamplerConfig(guidance=2.5),
         weights="pretrained/small.safetensors",
     ),

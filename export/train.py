@@ -61,10 +61,10 @@ log = logging.getLogger(__name__)
 STREAM_VAE, STREAM_DIT, STREAM_VAL = 1, 2, 3
 
 
-# Defaults: both stages together take about 27 minutes with both cores of the 2-core dev
-# machine for the small preset (VAE base_dim 8, DiT dim 128): measured 0.15 s per VAE step,
-# 0.31 s per DiT step (one thread: 0.21 s and 0.55 s); on a good day 22 minutes. The caps (28 minutes together) keep a
-# slower machine inside the 30-minute budget.
+# Defaults: both stages together take 22 to 27 minutes with both cores of the 2-core dev
+# machine for the small preset (VAE base_dim 8, DiT dim 128): measured 0.12-0.15 s per VAE
+# step, 0.24-0.31 s per DiT step (one thread: 0.21 s and 0.55 s). The caps (28 minutes
+# together) keep a slower machine inside the 30-minute budget.
 
 @dataclass(frozen=True)
 class VAETraining:
@@ -100,8 +100,9 @@ class DiTTraining:
     p_uncond: float = 0.1  # reference dropped (zeros) this often: CFG's unconditional branch
     # Training sigmas are shifted like the sampler's (`sample_sigmas`), but harder: the outline
     # and the path are decided at high noise, and shift 10 puts more steps there than the
-    # sampler's 5. Measured over 3 seeds each (README): travel 19 vs 14 px in every seed, shape
-    # IoU 0.55 vs 0.51, colour the same. Sampling keeps shift 5.
+    # sampler's 5. Measured, 4 runs against 3 on 16 held-out clips (README "Training shift"):
+    # travel 19.0 vs 16.1 px (more in every run), shape IoU 0.570 vs 0.534, colour and
+    # background error ~2 worse. Sampling keeps shift 5.
     shift: float = 10.0
     # Clips encoded once and reused; one costs ~0.6 steps. A 32-clip pool seen 67 times each
     # already lost 0.05 of validation loss to a 256-clip one at 270 steps: 600 x 40 views.

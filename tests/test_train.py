@@ -230,8 +230,9 @@ def test_cli_refuses_a_dit_only_run_without_weights(tmp_path):
 
 def test_cli_refuses_a_non_positive_training_shift(tmp_path):
     out = tmp_path / "w.safetensors"
+    # (a timeout: without the range check this would start a real 27-minute training)
     r = subprocess.run([sys.executable, "-m", "export.train", "--dit-shift", "0", "--out", str(out)],
-                       capture_output=True, text=True, check=False)
+                       capture_output=True, text=True, check=False, timeout=120)
     assert r.returncode == 2 and "--dit-shift" in r.stderr and "Traceback" not in r.stderr
     assert not out.exists()
 
