@@ -101,8 +101,9 @@ def run(cfg, out: Path, artifacts: Path, runs: int, compile_: bool, rss_frames: 
     noise = pipes["fp32"].noise(req)
     ref = ReferencePipeline(vae, dit)
     e2e_shape = {"frames": v.frames, "height": v.height, "width": v.width, "steps": s.steps}
-    record("end_to_end", "torch-eager", timed(lambda: ref.generate(image, noise, s.steps, s.guidance, s.shift, s.solver),
-                                              runs=runs), shapes=e2e_shape)
+    torch_e2e = lambda: ref.generate(image, noise, s.steps, s.guidance, s.shift, s.solver,  # noqa: E731
+                                     s.guidance_rescale)
+    record("end_to_end", "torch-eager", timed(torch_e2e, runs=runs), shapes=e2e_shape)
     for p, pipe in pipes.items():
         record("end_to_end", f"ort-{p}", timed(lambda: pipe(image, noise=noise), runs=runs), shapes=e2e_shape)
 

@@ -69,7 +69,7 @@ def capture(vae: WanVAE, dit: WanDiT, cfg: ModelConfig, seeds: tuple[int, ...]) 
     for seed in seeds:
         image = reference_image(seed, v.height, v.width)
         noise = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
-        latent = pipe.sample(image, noise, s.steps, s.guidance, s.shift, s.solver)
+        latent = pipe.sample(image, noise, s.steps, s.guidance, s.shift, s.solver, s.guidance_rescale)
         samples["vae_encoder"].append({"video": to_unit(image[None]).numpy()})
         samples["vae_decoder"].append({"latent": latent.numpy()})
     samples["dit"] = recorder.calls

@@ -3,7 +3,9 @@
 Flow matching: x_sigma = (1 - sigma) * x0 + sigma * noise, the DiT predicts v = noise - x0.
 Sigmas run from 1 to 0 in `steps` uniform steps, shifted by sigma' = s*sigma / (1 + (s-1)*sigma)
 (more steps at high noise); the DiT sees t = 1000 * sigma'. CFG: v = v_u + g * (v_c - v_u),
-both branches in one batch-2 call; g == 1 skips the unconditional branch. Latent frame 0 is
+both branches in one batch-2 call; g == 1 skips the unconditional branch. Guidance rescale
+(`rescale_frames`) then pulls each latent frame of the guided clean estimate back to the spread
+of the conditional one. Latent frame 0 is
 the reference latent itself (causal VAE), so it is given, clean, rather than denoised
 (`with_reference_frame`, as in training): the DiT's input always carries it, and the
 unconditional branch carries zeros there as in its cross-attention context.
@@ -61,6 +63,16 @@ def dpmpp_2m_step(x, v, sigmas, i, prev_x0=None):
 SOLVERS = {"euler": euler_step, "dpm++2m": dpmpp_2m_step}
 
 
+def rescale_frames(v, v_cond, x, sigma: float, rescale: float):
+    """Guidance rescale on the clean estimate, per latent frame (runtime/solvers.py says why):
+    x0_g = x - sigma v, x0_c = x - sigma v_c, r = std(x0_c) / std(x0_g) over each frame's
+    (C, h, w); x0 = x0_g * (1 + rescale * (r - 1)); returns (x - x0) / sigma."""
+    x0_g, x0_c = x - sigma * v, x - sigma * v_cond  # (B, C, F, h, w)
+    dims = (1, 3, 4)
+    r = x0_c.std(dim=dims, keepdim=True, correction=0) / x0_g.std(dim=dims, keepdim=True, correction=0)
+    return (x - x0_g * (1 + rescale * (r - 1))) / sigma
+
+
 def with_reference_frame(x, ref_latent):
     """x with latent frame 0 replaced by the clean reference latent. Frame 0 of a video latent
     *is* the reference latent (the causal VAE encodes video frame 0 alone, like the image), so
@@ -87,18 +99,19 @@ class ReferencePipeline:
     dit: WanDiT
 
     @torch.no_grad()
-    def velocity(self, x, sigma: float, refs, guidance: float):
+    def velocity(self, x, sigma: float, refs, guidance: float, rescale: float = 0.0):
         """refs (1 or 2, C, 1, h, w): the reference, then with CFG the null one (`sample` builds
-        them once per video); both branches run as one batch-2 call."""
+        them once per video); both branches run as one batch-2 call. `rescale`: guidance rescale."""
         t = torch.full((refs.shape[0],), 1000.0 * sigma, dtype=torch.float32)
         if refs.shape[0] == 1:
             return self.dit(x, t, refs)
         v_c, v_u = self.dit(with_reference_frame(torch.cat([x, x]), refs), t, refs).chunk(2)
-        return v_u + guidance * (v_c - v_u)
+        v = v_u + guidance * (v_c - v_u)
+        return v if rescale == 0.0 else rescale_frames(v, v_c, x, sigma, rescale)
 
     @torch.no_grad()
     def sample(self, image: np.ndarray, noise: np.ndarray, steps: int, guidance: float,
-               shift: float, solver: str, start: torch.Tensor | None = None,
+               shift: float, solver: str, guidance_rescale: float, start: torch.Tensor | None = None,
                start_sigma: float = 1.0) -> torch.Tensor:
         """image uint8 (H, W, 3), noise (1, C, F, h, w) -> clean latent (1, C, F, h, w).
 
@@ -116,14 +129,15 @@ class ReferencePipeline:
         x = with_reference_frame(x, ref_latent)
         step, x0 = SOLVERS[solver], None
         for i in range(first, steps):
-            v = self.velocity(x, float(sigmas[i]), refs, guidance)
+            v = self.velocity(x, float(sigmas[i]), refs, guidance, guidance_rescale)
             x, x0 = step(x, v, sigmas, i, x0)
             x = with_reference_frame(x, ref_latent)
         return x
 
     @torch.no_grad()
     def generate(self, image: np.ndarray, noise: np.ndarray, steps: int, guidance: float,
-                 shift: float, solver: str, start: torch.Tensor | None = None,
+                 shift: float, solver: str, guidance_rescale: float, start: torch.Tensor | None = None,
                  start_sigma: float = 1.0) -> torch.Tensor:
         """`sample`, then decode: video (1, 3, T, H, W) in [-1, 1]."""
-        return self.vae.decode(self.sample(image, noise, steps, guidance, shift, solver, start, start_sigma))
+        return self.vae.decode(self.sample(image, noise, steps, guidance, shift, solver, guidance_rescale,
+                                           start, start_sigma))

@@ -192,7 +192,7 @@ def identity_report(videos, references) -> dict:
 
 def generate(vae, dit, references, cfg, seed: int = 0, steps: int | None = None,
              guidance: float | None = None, solver: str | None = None, truths=None,
-             restart_sigma: float = 1.0) -> list[np.ndarray]:
+             restart_sigma: float = 1.0, guidance_rescale: float | None = None) -> list[np.ndarray]:
     """One video per reference image with the PyTorch reference pipeline and `cfg`'s sampler
     defaults (what wan-run does with the exported model). Noise: seed + clip index.
 
@@ -214,22 +214,26 @@ def generate(vae, dit, references, cfg, seed: int = 0, steps: int | None = None,
         with torch.no_grad():
             start = vae.encode(to_unit(truths[i])) if truths is not None and restart_sigma < 1.0 else None
             video = pipe.generate(ref, noise, steps or s.steps, s.guidance if guidance is None else guidance,
-                                  s.shift, solver or s.solver, start, restart_sigma)
+                                  s.shift, solver or s.solver,
+                                  s.guidance_rescale if guidance_rescale is None else guidance_rescale,
+                                  start, restart_sigma)
         videos.append(to_uint8(video))
     return videos
 
 
 def evaluate(vae, dit, cfg, seed: int = 1, clips: int = 8, steps: int | None = None,
-             guidance: float | None = None, restart_sigma: float = 1.0) -> dict:
+             guidance: float | None = None, restart_sigma: float = 1.0,
+             guidance_rescale: float | None = None) -> dict:
     """Held-out VAE PSNR, and identity + motion of clips generated from held-out references,
     with the same metrics on the ground-truth clips for scale. Identity is measured on frames
     1.. only: frame 0 is the reference by construction (the DiT is given it), so its
-    `first_frame_psnr` is that of frame 1. `restart_sigma` < 1: see `generate`."""
+    `first_frame_psnr` is that of frame 1. `restart_sigma` < 1: see `generate`. None for
+    steps, guidance or guidance_rescale: the preset's."""
     spec = ClipSpec(frames=cfg.video.frames, height=cfg.video.height, width=cfg.video.width)
     truth = clip_batch(seed, clips, spec, STREAM_HELDOUT)
     refs = [c[0] for c in truth]
     videos = generate(vae, dit, refs, cfg, seed=seed, steps=steps, guidance=guidance, truths=truth,
-                      restart_sigma=restart_sigma)
+                      restart_sigma=restart_sigma, guidance_rescale=guidance_rescale)
     def summary(report: dict) -> dict:
         return {k: v for k, v in report.items() if k != "per_clip"}
 
@@ -256,13 +260,16 @@ def _cli():
     @click.option("--seed", default=1, show_default=True)
     @click.option("--steps", type=int, default=None, help="Sampling steps (default: the preset's).")
     @click.option("--guidance", type=float, default=None, help="CFG scale (default: the preset's).")
+    @click.option("--guidance-rescale", type=click.FloatRange(0.0, 1.0), default=None,
+                  help="Guidance rescale, 0 (plain CFG) to 1 (default: the preset's).")
     @click.option("--restart-sigma", type=click.FloatRange(0.0, 1.0), default=1.0, show_default=True,
                   help="Start each clip from its true latent noised to the first scheduled sigma <= "
                        "this, instead of from pure noise (1): which noise levels lose the shape.")
     @click.option("--save", type=click.Path(path_type=str), help="Write the generated clips here "
                   "(one PNG strip per clip: reference, then frames).")
     @click.option("--debug", is_flag=True)
-    def main(checkpoint, preset, config_path, clips, seed, steps, guidance, restart_sigma, save, debug):
+    def main(checkpoint, preset, config_path, clips, seed, steps, guidance, guidance_rescale, restart_sigma,
+             save, debug):
         """Measure a checkpoint on held-out synthetic clips; print JSON."""
         import torch
 
@@ -277,7 +284,7 @@ def _cli():
         cfg = load_config(config_path) if config_path else get_preset(preset or "small")
         vae, dit = build_models(cfg, checkpoint=checkpoint)
         result = evaluate(vae, dit, cfg, seed=seed, clips=clips, steps=steps, guidance=guidance,
-                          restart_sigma=restart_sigma)
+                          restart_sigma=restart_sigma, guidance_rescale=guidance_rescale)
         videos = result.pop("videos")
         if save:
             from pathlib import Path

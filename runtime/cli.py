@@ -18,7 +18,7 @@ Examples:
   wan-run artifacts/small --image ref.png --frames 33 --steps 30 --solver euler -o clip.gif
   wan-run artifacts/small --image ref.png --seed 7 -o frames/      # a folder of PNGs
 
-Defaults for frames, size, steps, guidance, shift, solver and fps come from the
+Defaults for frames, size, steps, guidance (and its rescale), shift, solver and fps come from the
 artifact's manifest (the preset it was exported from). The same seed gives the same video.
 """
 
@@ -35,6 +35,9 @@ artifact's manifest (the preset it was exported from). The same seed gives the s
 @click.option("--width", type=int, help="Width in pixels, a multiple of 16.")
 @click.option("--steps", type=int, help="Denoising steps (>= 1).")
 @click.option("--guidance", type=float, help="Classifier-free guidance scale (1 = off).")
+@click.option("--guidance-rescale", type=float,
+              help="0 to 1: pull each guided frame's spread back toward the conditional "
+              "prediction's, against over-saturated colours at high guidance (0 = plain CFG).")
 @click.option("--shift", type=float, help="Flow-matching sigma shift (> 0).")
 @click.option("--solver", type=click.Choice(["euler", "dpm++2m"]), help="ODE solver.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Noise seed.")
@@ -52,8 +55,8 @@ artifact's manifest (the preset it was exported from). The same seed gives the s
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or timing table.")
 @click.option("--debug", is_flag=True, help="Tracebacks and debug logging.")
-def main(artifacts, image, output, frames, height, width, steps, guidance, shift, solver, seed,
-         fps, precision, backend, threads, verify, overwrite, quiet, debug):
+def main(artifacts, image, output, frames, height, width, steps, guidance, guidance_rescale, shift,
+         solver, seed, fps, precision, backend, threads, verify, overwrite, quiet, debug):
     """Generate a video that animates a reference image, from a wan-export artifact directory."""
     from runtime.media import check_output, load_image, write_video
     from runtime.pipeline import Pipeline, Timings
@@ -65,7 +68,7 @@ def main(artifacts, image, output, frames, height, width, steps, guidance, shift
         raise WanError(f"fps {fps} is not allowed: use a whole number >= 1")
     pipe = Pipeline.from_dir(artifacts, precision=precision, backend=backend, verify=verify,
                              threads=threads)
-    req = pipe.check_request(frames, height, width, steps, guidance, shift, solver, seed)
+    req = pipe.check_request(frames, height, width, steps, guidance, shift, solver, seed, guidance_rescale)
     ref = load_image(image, req.height, req.width)
 
     bar = None
@@ -85,7 +88,8 @@ def main(artifacts, image, output, frames, height, width, steps, guidance, shift
             bar.close()
     if not quiet:
         click.echo(f"wrote {path} ({req.frames} frames, {req.width}x{req.height}, "
-                   f"{req.steps} steps, {req.solver}, guidance {req.guidance}, seed {req.seed})")
+                   f"{req.steps} steps, {req.solver}, guidance {req.guidance} "
+                   f"rescaled {req.guidance_rescale}, seed {req.seed})")
         click.echo(timings.table())
 
 

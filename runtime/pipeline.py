@@ -38,6 +38,7 @@ class Request:
     width: int
     steps: int
     guidance: float
+    guidance_rescale: float
     shift: float
     solver: str
     seed: int
@@ -100,7 +101,7 @@ class Pipeline:
     # -- validation -----------------------------------------------------------------------
 
     def check_request(self, frames=None, height=None, width=None, steps=None, guidance=None,
-                      shift=None, solver=None, seed=0) -> Request:
+                      shift=None, solver=None, seed=0, guidance_rescale=None) -> Request:
         """Fill defaults from the manifest and check every value against what the graphs allow."""
         m, g = self.manifest, self.manifest.geometry
         video, sampler = m.video, m.sampler
@@ -109,6 +110,8 @@ class Pipeline:
         width = video["width"] if width is None else width
         steps = sampler["steps"] if steps is None else steps
         guidance = sampler["guidance"] if guidance is None else guidance
+        if guidance_rescale is None:  # artifacts from before guidance rescale: plain CFG
+            guidance_rescale = sampler.get("guidance_rescale", 0.0)
         shift = sampler["shift"] if shift is None else shift
         solver = sampler["solver"] if solver is None else solver
 
@@ -129,13 +132,17 @@ class Pipeline:
         if not math.isfinite(guidance) or guidance < 0:
             raise WanError(f"guidance {guidance} is not allowed: use a finite number >= 0 "
                            "(1 disables classifier-free guidance)")
+        if not (math.isfinite(guidance_rescale) and 0 <= guidance_rescale <= 1):
+            raise WanError(f"guidance rescale {guidance_rescale} is not allowed: use a number from 0 "
+                           "(plain classifier-free guidance) to 1")
         if not math.isfinite(shift) or shift <= 0:
             raise WanError(f"shift {shift} is not allowed: use a finite number > 0")
         if solver not in SOLVERS:
             raise WanError(f"solver {solver!r} is not allowed: use one of {', '.join(SOLVERS)}")
         if not isinstance(seed, int) or not 0 <= seed < 2**63:
             raise WanError(f"seed {seed} is not allowed: use a whole number from 0 to 2^63-1")
-        return Request(frames, height, width, steps, float(guidance), float(shift), solver, seed)
+        return Request(frames, height, width, steps, float(guidance), float(guidance_rescale),
+                       float(shift), solver, seed)
 
     # -- stages ---------------------------------------------------------------------------
 
@@ -158,14 +165,14 @@ class Pipeline:
             return ref_latent
         return self.xp.concatenate([ref_latent, self.xp.zeros_like(ref_latent)])
 
-    def velocity(self, x, sigma: float, dit_ref, guidance: float):
-        """One DiT call; `dit_ref` from `dit_reference`."""
+    def velocity(self, x, sigma: float, dit_ref, guidance: float, rescale: float = 0.0):
+        """One DiT call; `dit_ref` from `dit_reference`; `rescale`: see `solvers.guided`."""
         dit, xp = self.stages["dit"], self.xp
         batch = dit_ref.shape[0]
         t = xp.full((batch,), timestep(sigma), dtype=xp.float32)
         latent = x if batch == 1 else with_reference_frame(xp.concatenate([x] * batch), dit_ref)
         v = dit(latent=latent, timestep=t, ref_latent=dit_ref)["velocity"]
-        return v if batch == 1 else guided(v[:1], v[1:], guidance)
+        return v if batch == 1 else guided(v[:1], v[1:], guidance, rescale, x, sigma)
 
     def denoise(self, ref_latent: np.ndarray, noise: np.ndarray, req: Request,
                 on_step: Callable[[int, float], None] | None = None) -> np.ndarray:
@@ -176,7 +183,7 @@ class Pipeline:
         step, x, x0 = SOLVERS[req.solver], with_reference_frame(noise, ref_latent), None
         for i in range(req.steps):
             t0 = time.perf_counter()
-            v = self.velocity(x, float(sigmas[i]), dit_ref, req.guidance)
+            v = self.velocity(x, float(sigmas[i]), dit_ref, req.guidance, req.guidance_rescale)
             x, x0 = step(x, v, sigmas, i, x0)
             x = with_reference_frame(x, ref_latent)
             if on_step is not None:
@@ -212,11 +219,12 @@ class Pipeline:
 
     def generate(self, image: np.ndarray | str | Path, frames=None, height=None, width=None,
                  steps=None, guidance=None, shift=None, solver=None, seed=0,
-                 noise: np.ndarray | None = None,
+                 guidance_rescale=None, noise: np.ndarray | None = None,
                  on_step: Callable[[int, float], None] | None = None) -> Generation:
         """image: uint8 (H, W, 3) at the requested size, or an image file (resized and
         centre-cropped to it). `noise` overrides the seeded initial latent (for parity tests)."""
-        req = self.check_request(frames, height, width, steps, guidance, shift, solver, seed)
+        req = self.check_request(frames, height, width, steps, guidance, shift, solver, seed,
+                                 guidance_rescale)
         if isinstance(image, (str, Path)):
             from runtime.media import load_image
 

@@ -86,6 +86,7 @@ BAD = {
     "zero steps": (["--steps", 0], ["steps 0", ">= 1"]),
     "negative steps": (["--steps", -3], ["steps -3"]),
     "nan guidance": (["--guidance", "nan"], ["guidance nan", "finite"]),
+    "guidance rescale above 1": (["--guidance-rescale", 1.5], ["guidance rescale 1.5", "from 0"]),
     "inf shift": (["--shift", "inf"], ["shift inf", "finite"]),
     "zero shift": (["--shift", 0], ["shift 0.0", "> 0"]),
     "non-number": (["--steps", "ten"], ["'ten' is not a valid integer"]),

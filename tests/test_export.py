@@ -21,7 +21,8 @@ def test_manifest_contents(tiny_dir):
     assert data["model"]["name"] == "tiny" and data["model"]["dit"]["attention"] == "factorized"
     assert set(data["stages"]) == {*STAGE_NAMES, *STREAM_STAGE_NAMES}
     assert data["latent"]["mean"] == [0.0] * 4 and data["latent"]["std"] == [1.0] * 4
-    assert data["sampler"] == {"steps": 4, "shift": 5.0, "guidance": 5.0, "solver": "dpm++2m", "fps": 16}
+    assert data["sampler"] == {"steps": 4, "shift": 5.0, "guidance": 5.0, "guidance_rescale": 0.0,
+                               "solver": "dpm++2m", "fps": 16}
     assert {"torch", "onnx", "opset", "onnxruntime"} <= set(data["tools"])
     for name, stage in data["stages"].items():
         v = stage["artifacts"]["fp32"]["validation"]

@@ -16,16 +16,18 @@ from tests.conftest import psnr, tiny_config
 PSNR_MIN_DB = 40.0  # decoded uint8 video, runtime vs PyTorch, same seed and noise
 
 
-@pytest.mark.parametrize("solver", ["euler", "dpm++2m"])
-def test_end_to_end_psnr(exported, attention, solver, reference_image):
+@pytest.mark.parametrize("solver,rescale", [("euler", 0.0), ("dpm++2m", 0.0), ("dpm++2m", 0.7)])
+def test_end_to_end_psnr(exported, attention, solver, rescale, reference_image):
     pipe = Pipeline.from_dir(exported(attention))
     vae, dit = build_models(tiny_config(attention))
-    req = pipe.check_request(frames=9, height=64, width=64, steps=6, solver=solver, seed=3)
+    req = pipe.check_request(frames=9, height=64, width=64, steps=6, solver=solver, seed=3,
+                             guidance_rescale=rescale)
     noise = pipe.noise(req)
 
-    got = pipe(reference_image, frames=9, height=64, width=64, steps=6, solver=solver, noise=noise)
+    got = pipe(reference_image, frames=9, height=64, width=64, steps=6, solver=solver,
+               guidance_rescale=rescale, noise=noise)
     want_video = ReferencePipeline(vae, dit).generate(reference_image, noise, 6, req.guidance,
-                                                      req.shift, solver)
+                                                      req.shift, solver, rescale)
     from export.pipeline import to_uint8
 
     want = to_uint8(want_video)
