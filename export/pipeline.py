@@ -5,10 +5,10 @@ Sigmas run from 1 to 0 in `steps` uniform steps, shifted by sigma' = s*sigma / (
 (more steps at high noise); the DiT sees t = 1000 * sigma'. CFG: v = v_u + g * (v_c - v_u),
 both branches in one batch-2 call; g == 1 skips the unconditional branch. Guidance rescale
 (`rescale_frames`) then pulls each latent frame of the guided clean estimate back to the spread
-of the conditional one. Latent frame 0 is
-the reference latent itself (causal VAE), so it is given, clean, rather than denoised
-(`with_reference_frame`, as in training): the DiT's input always carries it, and the
-unconditional branch carries zeros there as in its cross-attention context.
+of the conditional one. Latent frame 0 is the reference latent itself (causal VAE), so it is
+given, clean, rather than denoised (`with_reference_frame`, as in training): the DiT's input
+always carries it, and the unconditional branch carries zeros there as in its cross-attention
+context.
 
 Solvers (both return the next sample and this step's x0 estimate, which the next step of a
 multistep solver takes back; no hidden step counter):
