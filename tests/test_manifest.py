@@ -73,3 +73,17 @@ def test_other_format_is_refused(copy):
 def test_missing_directory(tmp_path):
     with pytest.raises(WanError, match="does not exist"):
         load_manifest(tmp_path / "nope")
+
+
+def test_manifest_without_guidance_rescale_samples_with_plain_guidance(copy):
+    """Artifacts exported before guidance rescale existed keep sampling as they did."""
+    from runtime.pipeline import Pipeline
+
+    path = copy / "manifest.json"
+    data = json.loads(path.read_text())
+    data["sampler"]["guidance_rescale"] = 0.5
+    path.write_text(json.dumps(data))
+    assert Pipeline.from_dir(copy).check_request().guidance_rescale == 0.5  # read when present
+    del data["sampler"]["guidance_rescale"]
+    path.write_text(json.dumps(data))
+    assert Pipeline.from_dir(copy).check_request().guidance_rescale == 0.0
