@@ -66,11 +66,12 @@ SOLVERS = {"euler": euler_step, "dpm++2m": dpmpp_2m_step}
 def rescale_frames(v, v_cond, x, sigma: float, rescale: float):
     """Guidance rescale on the clean estimate, per latent frame (runtime/solvers.py says why):
     x0_g = x - sigma v, x0_c = x - sigma v_c, r = std(x0_c) / std(x0_g) over each frame's
-    (C, h, w); x0 = x0_g * (1 + rescale * (r - 1)); returns (x - x0) / sigma."""
+    (C, h, w); x0 = x0_g * (1 + rescale * (r - 1)); returns (x - x0) / sigma, computed as
+    v - rescale * (r - 1) / sigma * x0_g."""
     x0_g, x0_c = x - sigma * v, x - sigma * v_cond  # (B, C, F, h, w)
     dims = (1, 3, 4)
     r = x0_c.std(dim=dims, keepdim=True, correction=0) / x0_g.std(dim=dims, keepdim=True, correction=0)
-    return (x - x0_g * (1 + rescale * (r - 1))) / sigma
+    return v - (rescale / sigma) * (r - 1) * x0_g
 
 
 def with_reference_frame(x, ref_latent):

@@ -25,7 +25,7 @@ import numpy as np
 from runtime.backends import open_backend
 from runtime.errors import WanError
 from runtime.manifest import Manifest, load_manifest
-from runtime.solvers import SOLVERS, flow_sigmas, guided, timestep, with_reference_frame
+from runtime.solvers import SOLVERS, flow_sigmas, guided, rescale_frames, timestep, with_reference_frame
 from runtime.stages import STREAM_STAGE_NAMES
 
 
@@ -166,13 +166,16 @@ class Pipeline:
         return self.xp.concatenate([ref_latent, self.xp.zeros_like(ref_latent)])
 
     def velocity(self, x, sigma: float, dit_ref, guidance: float, rescale: float = 0.0):
-        """One DiT call; `dit_ref` from `dit_reference`; `rescale`: see `solvers.guided`."""
+        """One DiT call; `dit_ref` from `dit_reference`; `rescale`: see `solvers.rescale_frames`."""
         dit, xp = self.stages["dit"], self.xp
         batch = dit_ref.shape[0]
         t = xp.full((batch,), timestep(sigma), dtype=xp.float32)
         latent = x if batch == 1 else with_reference_frame(xp.concatenate([x] * batch), dit_ref)
         v = dit(latent=latent, timestep=t, ref_latent=dit_ref)["velocity"]
-        return v if batch == 1 else guided(v[:1], v[1:], guidance, rescale, x, sigma)
+        if batch == 1:
+            return v
+        v_guided = guided(v[:1], v[1:], guidance)
+        return v_guided if rescale == 0.0 else rescale_frames(v_guided, v[:1], x, sigma, rescale)
 
     def denoise(self, ref_latent: np.ndarray, noise: np.ndarray, req: Request,
                 on_step: Callable[[int, float], None] | None = None) -> np.ndarray:

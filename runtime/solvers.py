@@ -68,15 +68,9 @@ def with_reference_frame(x, ref_latent):
     return out
 
 
-def guided(v_cond: np.ndarray, v_uncond: np.ndarray, guidance: float, rescale: float = 0.0,
-           x: np.ndarray | None = None, sigma: float = 1.0) -> np.ndarray:
-    """Classifier-free guidance: v = v_u + g * (v_c - v_u), then with `rescale` > 0 (x and
-    sigma needed) the guided clean estimate x0 = x - sigma v is pulled back to the spread of
-    the conditional one, per latent frame (`rescale_frames`)."""
-    v = v_uncond + guidance * (v_cond - v_uncond)
-    if rescale == 0.0:
-        return v
-    return rescale_frames(v, v_cond, x, sigma, rescale)
+def guided(v_cond: np.ndarray, v_uncond: np.ndarray, guidance: float) -> np.ndarray:
+    """Classifier-free guidance: v = v_u + g * (v_c - v_u)."""
+    return v_uncond + guidance * (v_cond - v_uncond)
 
 
 def rescale_frames(v: np.ndarray, v_cond: np.ndarray, x: np.ndarray, sigma: float,
@@ -84,7 +78,8 @@ def rescale_frames(v: np.ndarray, v_cond: np.ndarray, x: np.ndarray, sigma: floa
     """Guidance rescale (Lin et al. 2023, "Common diffusion noise schedules and sample steps
     are flawed"), on the clean estimate and per latent frame: with x0_g = x - sigma v (guided)
     and x0_c = x - sigma v_c (conditional), r = std(x0_c) / std(x0_g) over each frame's
-    (C, h, w), and x0 = x0_g * (1 + rescale * (r - 1)); returns (x - x0) / sigma.
+    (C, h, w), and x0 = x0_g * (1 + rescale * (r - 1)); returns (x - x0) / sigma, computed as
+    v - rescale * (r - 1) / sigma * x0_g (rescale 0 gives v back exactly).
 
     Why: guidance extrapolates away from the unconditional branch, and where the conditional
     prediction is already right (the plain background, the subject's colour) it overshoots,
@@ -93,5 +88,4 @@ def rescale_frames(v: np.ndarray, v_cond: np.ndarray, x: np.ndarray, sigma: floa
     x0_g = x - sigma * v  # (B, C, F, h, w)
     x0_c = x - sigma * v_cond
     r = x0_c.std(axis=(1, 3, 4), keepdims=True) / x0_g.std(axis=(1, 3, 4), keepdims=True)  # (B, 1, F, 1, 1)
-    x0 = x0_g * (1 + rescale * (r - 1))
-    return (x - x0) / sigma
+    return v - (rescale / sigma) * (r - 1) * x0_g

@@ -93,6 +93,7 @@ def test_reference_frame():
         want = ref.with_reference_frame(torch.from_numpy(x), torch.from_numpy(refs))
         np.testing.assert_array_equal(got, want.numpy())
 
+
 def test_guidance_rescale():
     """Rescale 0 is plain guidance; rescale 1 gives each latent frame of the guided clean
     estimate the conditional one's spread; the runtime and the reference share the formula."""
@@ -101,10 +102,11 @@ def test_guidance_rescale():
     v_u = 0.5 * v_u + 2.0  # an unconditional branch far from the conditional one
     sigma, g = 0.6, 3.0
     plain = solvers.guided(v_c, v_u, g)
-    np.testing.assert_array_equal(solvers.guided(v_c, v_u, g, 0.0, x, sigma), plain)
+    np.testing.assert_array_equal(solvers.rescale_frames(plain, v_c, x, sigma, 0.0), plain)
     spread = lambda v: (x - sigma * v).std(axis=(1, 3, 4))  # noqa: E731 - per latent frame
     assert not np.allclose(spread(plain), spread(v_c), rtol=0.1)
-    np.testing.assert_allclose(spread(solvers.guided(v_c, v_u, g, 1.0, x, sigma)), spread(v_c), rtol=1e-5)
-    half = solvers.guided(v_c, v_u, g, 0.7, x, sigma)
+    np.testing.assert_allclose(spread(solvers.rescale_frames(plain, v_c, x, sigma, 1.0)), spread(v_c),
+                               rtol=1e-5)
+    half = solvers.rescale_frames(plain, v_c, x, sigma, 0.7)
     want = ref.rescale_frames(*(torch.from_numpy(a) for a in (plain, v_c, x)), sigma, 0.7)
     np.testing.assert_allclose(half, want.numpy(), rtol=1e-5, atol=1e-5)
