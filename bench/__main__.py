@@ -101,7 +101,8 @@ def run(cfg, out: Path, artifacts: Path, runs: int, compile_: bool, rss_frames: 
     noise = pipes["fp32"].noise(req)
     ref = ReferencePipeline(vae, dit)
     e2e_shape = {"frames": v.frames, "height": v.height, "width": v.width, "steps": s.steps}
-    torch_e2e = lambda: ref.generate(image, noise, s.steps, s.guidance, s.shift, s.solver,  # noqa: E731
+    maps, _ = pipes["fp32"].motion_maps(image, req)  # the seed's motion, as the runtime draws it
+    torch_e2e = lambda: ref.generate(image, maps, noise, s.steps, s.guidance, s.shift, s.solver,  # noqa: E731
                                      s.guidance_rescale)
     record("end_to_end", "torch-eager", timed(torch_e2e, runs=runs), shapes=e2e_shape)
     for p, pipe in pipes.items():
@@ -130,11 +131,12 @@ def scaling(cfg, runs: int) -> list[dict]:
             g = cfg.geometry
             shape = (2, cfg.vae.z_dim, g.frames_to_latent(frames), size // 8, size // 8)
             x, t, r = torch.randn(shape), torch.rand(2) * 1000, torch.randn(*shape[:2], 1, *shape[3:])
+            m = torch.eye(2, 3).expand(2, shape[2], 2, 3)  # identity motion maps
             with torch.no_grad():
-                rec = timed(lambda: dit(x, t, r), runs=runs)
+                rec = timed(lambda: dit(x, t, r, m), runs=runs)
             out.append({"stage": "dit", "impl": "torch-eager", "scaling": attention, "frames": frames,
                         "height": size, "width": size, "tokens": shape[2] * (size // 16) ** 2,
-                        "gflop": flops(dit, x, t, r) / 1e9, **rec})
+                        "gflop": flops(dit, x, t, r, m) / 1e9, **rec})
     big = get_preset("wan2.2-5b")
     for label, (frames, h, w) in {"480p": (81, 480, 832), "720p": (121, 704, 1280)}.items():
         for attention in ("factorized", "full"):
@@ -144,7 +146,8 @@ def scaling(cfg, runs: int) -> list[dict]:
                 g = big.geometry
                 shape = (2, big.vae.z_dim, g.frames_to_latent(frames), h // g.spatial_stride, w // g.spatial_stride)
                 x, t, r = torch.randn(shape), torch.rand(2), torch.randn(*shape[:2], 1, *shape[3:])
-                gflop = flops(dit, x, t, r) / 1e9  # inside: tables made in forward go to meta too
+                m = torch.eye(2, 3).expand(2, shape[2], 2, 3)
+                gflop = flops(dit, x, t, r, m) / 1e9  # inside: tables made in forward go to meta too
             tokens = shape[2] * (h // g.pixels_per_token[0]) * (w // g.pixels_per_token[1])
             out.append({"stage": "dit", "impl": "analytic", "scaling": attention, "model": "wan2.2-5b",
                         "resolution": label, "frames": frames, "height": h, "width": w, "tokens": tokens,

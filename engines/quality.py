@@ -52,7 +52,8 @@ def end_to_end(reference_pipe, pipe, images: list[np.ndarray], seeds: list[int])
         noise = pipe.noise(req)
         want = reference_pipe.generate(image, seed=seed, noise=noise).frames
         ref_latent = pipe.encode_reference(image)
-        latent = pipe.denoise(ref_latent, noise, req)
+        maps, _ = pipe.motion_maps(image, req)  # the seed's motion, as `generate` draws it
+        latent = pipe.denoise(ref_latent, maps, noise, req)
         video = pipe.decode_video(latent)
         finite &= all(bool(np.isfinite(pipe.backend.to_host(a)).all()) for a in (ref_latent, latent, video))
         from runtime.pipeline import to_uint8

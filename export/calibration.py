@@ -17,6 +17,7 @@ from export.config import ModelConfig
 from export.dit import WanDiT
 from export.pipeline import ReferencePipeline, to_unit
 from export.vae import WanVAE
+from runtime.motion import image_motion_maps
 
 Samples = dict[str, list[dict[str, np.ndarray]]]  # stage -> inputs by name
 
@@ -31,7 +32,8 @@ class CalibrationConfig:
         return {"seeds": list(self.seeds), "holdout_seeds": list(self.holdout_seeds),
                 "frames": v.frames, "height": v.height, "width": v.width, "steps": s.steps,
                 "guidance": s.guidance, "shift": s.shift, "solver": s.solver,
-                "images": "export.calibration.reference_image(seed): synthetic subject on a plain background"}
+                "images": "export.calibration.reference_image(seed): synthetic subject on a plain background",
+                "motion": "runtime.motion.image_motion_maps(image, None, seed, ...): a random motion"}
 
 
 def reference_image(seed: int, height: int, width: int) -> np.ndarray:
@@ -52,10 +54,10 @@ class _Recorder(torch.nn.Module):
         super().__init__()
         self.dit, self.calls = dit, []
 
-    def forward(self, latent, timestep, ref_latent):
+    def forward(self, latent, timestep, ref_latent, motion):
         self.calls.append({"latent": latent.numpy().copy(), "timestep": timestep.numpy().copy(),
-                           "ref_latent": ref_latent.numpy().copy()})
-        return self.dit(latent, timestep, ref_latent)
+                           "ref_latent": ref_latent.numpy().copy(), "motion": motion.numpy().copy()})
+        return self.dit(latent, timestep, ref_latent, motion)
 
 
 def capture(vae: WanVAE, dit: WanDiT, cfg: ModelConfig, seeds: tuple[int, ...]) -> Samples:
@@ -69,7 +71,8 @@ def capture(vae: WanVAE, dit: WanDiT, cfg: ModelConfig, seeds: tuple[int, ...]) 
     for seed in seeds:
         image = reference_image(seed, v.height, v.width)
         noise = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
-        latent = pipe.sample(image, noise, s.steps, s.guidance, s.shift, s.solver, s.guidance_rescale)
+        maps, _ = image_motion_maps(image, None, seed, v.frames, g)
+        latent = pipe.sample(image, maps, noise, s.steps, s.guidance, s.shift, s.solver, s.guidance_rescale)
         samples["vae_encoder"].append({"video": to_unit(image[None]).numpy()})
         samples["vae_decoder"].append({"latent": latent.numpy()})
     samples["dit"] = recorder.calls

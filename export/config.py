@@ -189,12 +189,13 @@ PRESETS: dict[str, ModelConfig] = {
         name="small",
         vae=VAEConfig(base_dim=8),
         dit=DiTConfig(dim=128, ffn_dim=512, num_heads=4, num_layers=4),
-        # 16 held-out clips, frames 1-16 (export/quality.py; colour error / shape IoU /
-        # background error). Plain guidance: 2.0: 45 / 0.566 / 14.0, 2.5: 40.5 / 0.571 / 17.7,
-        # 3.0: 39.9 / 0.566 / 21.1; higher guidance pushes the background's colour away from
-        # the reference's. Rescale 0.7 takes that back: 2.5: 42.7 / 0.565 / 8.1, 3.0: 39.6 /
-        # 0.563 / 8.9, 4.0: 36.6 / 0.556 / 10.2 (README, "Guidance rescale")
-        sampler=SamplerConfig(guidance=3.0, guidance_rescale=0.7),
+        # 16 held-out clips given their own motion, frames 1-16 (export/quality.py; colour
+        # error / shape IoU / background error / track error). Rescaled 0.7: guidance 1.5:
+        # 26.7 / 0.732 / 7.4 / 2.5 px, 2.0: 23.9 / 0.720 / 9.2 / 2.7 px, 3.0: 29.5 / 0.689 /
+        # 12.0 / 3.2 px, 4.0: 35.5 / 0.658 / 13.0 / 3.7 px. Plain: 1.0 (no CFG): 41.9 / 0.738 /
+        # 7.3 / 2.5 px, 1.5: 25.3 / 0.725 / 8.9 / 2.7 px, 2.0: 26.1 / 0.698 / 11.9 / 3.1 px
+        # (README, "Guidance rescale" for why rescale helps the background)
+        sampler=SamplerConfig(guidance=2.0, guidance_rescale=0.7),
         weights="pretrained/small.safetensors",
     ),
     # Wan2.2 TI2V-5B: dim 3072, 24 heads, 30 layers, ffn 14336; its VAE is 4x16x16 with z=48.

@@ -14,9 +14,12 @@ of the timestep embedding (6 rows per block, 9 when factorized) plus a learned p
 
 Reference conditioning: the normalized reference latent (the VAE encoding of the image as a
 1-frame video) is patchified and passed through an MLP into context tokens. Cross-attention
-rotates the video queries by their (t, h, w) and the reference keys by (0, h, w), so a query
-can find the reference patch at its own position. The CFG null context is the embedding of an
-all-zero reference latent (zero = the latent mean); training drops the reference the same way.
+rotates the video queries by their (t, h, w) and the reference keys by (0, h', w'), where
+(h', w') is where the `motion` input carries reference token (h, w) by the query's latent frame
+(runtime/motion.py), so a query finds the reference patch that belongs at its own position: each
+frame's queries attend to the keys placed for that frame. The identity motion leaves every key
+at its own (h, w). The CFG null condition is the embedding of an all-zero reference latent
+(zero = the latent mean) with the identity motion; training drops the reference the same way.
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from export.config import DiTConfig
-from export.kernels import TORCH, Kernels
-from export.rope import rope_tables
+from export.kernels import TORCH, Kernels, rotary
+from export.rope import rope_at, rope_tables
 
 
 def modulate(x, shift, scale):
@@ -100,6 +103,23 @@ class Attention(nn.Module):
         out = self.kernels.attention(*(group(t, layout, grid) for t in (q, k, v)), self.heads)
         return self.to_out[0](ungroup(out, layout, grid))
 
+    def cross(self, x, context, rope_q, rope_k, grid):
+        """Cross-attention, frame by frame: x (B, T*H*W, D) video tokens, context (B, Lr, D)
+        reference tokens, rope_k (B*T, Lr, d/2) tables placing the keys for each frame
+        (`reference_rope`) -> (B, T*H*W, D)."""
+        B, _, D = x.shape
+        T = grid[0]
+        q, (k, v) = self.to_q(x), project(context, self.to_k, self.to_v)
+        q = self.kernels.rotary(self.norm_q(q), *rope_q, self.heads)  # (B, L, D)
+        Lr = k.shape[1]
+        k = self.norm_k(k)[:, None].expand(B, T, Lr, D).reshape(B * T, Lr, D)  # a copy per frame
+        v = v[:, None].expand(B, T, Lr, D).reshape(B * T, Lr, D)
+        # Plain ops, not kernels.rotary: ONNX Runtime's RotaryEmbedding shares one table across
+        # the batch, and these tables differ per (batch item, frame). Lr is small.
+        k = rotary(k, *rope_k, self.heads)
+        out = self.kernels.attention(group(q, "spatial", grid), k, v, self.heads)  # (B*T, H*W, D)
+        return self.to_out[0](ungroup(out, "spatial", grid))
+
 
 def group(x, layout: str, grid):
     """(B, T*H*W, D) -> (B', L', D): the seed's view-based factorization (tokens are t-major)."""
@@ -166,13 +186,14 @@ class WanBlock(nn.Module):
             self.scale_shift_table_temporal = nn.Parameter(torch.randn(1, 3, D) / D**0.5)
 
     def forward(self, x, mod, context, rope_video, rope_ref, grid):
-        """x (B, L, D); mod (B, 6 or 9, D) from the timestep; context (B, Lr, D)."""
+        """x (B, L, D); mod (B, 6 or 9, D) from the timestep; context (B, Lr, D); rope_ref
+        (B*T, Lr, d/2) tables of the reference keys in each frame."""
         shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = (
             self.scale_shift_table + mod[:, :6]).chunk(6, dim=1)
         h = modulate(self.norm1(x), shift_msa, scale_msa)
         layout = "spatial" if self.factorized else "full"
         x = x + gate_msa * self.attn1(h, h, rope_video, rope_video, layout, grid)
-        x = x + self.attn2(self.norm2(x), context, rope_video, rope_ref, "full", grid)
+        x = x + self.attn2.cross(self.norm2(x), context, rope_video, rope_ref, grid)
         if self.factorized:
             t_shift, t_scale, t_gate = (self.scale_shift_table_temporal + mod[:, 6:9]).chunk(3, dim=1)
             h = modulate(self.norm_temporal(x), t_shift, t_scale)
@@ -211,6 +232,22 @@ class ConditionEmbedder(nn.Module):
         self.ref_embedder = ReferenceEmbedder(cfg, in_channels)
 
 
+def reference_rope(motion, grid, head_dim: int, theta: float):
+    """motion (B, T, 2, 3) affine maps of the token grid, (x, y, 1) -> (x', y'), one per latent
+    frame -> cos, sin (B*T, H*W, d/2): RoPE tables of the reference keys where each frame's map
+    carries them (token (i, j) sits at x = j, y = i)."""
+    B, T = motion.shape[:2]
+    _, H, W = grid
+    ys = torch.arange(H, dtype=torch.float32)[:, None].expand(H, W).reshape(1, H * W)
+    xs = torch.arange(W, dtype=torch.float32)[None, :].expand(H, W).reshape(1, H * W)
+    m = motion.reshape(B * T, 6)  # rows (a, b, c), (d, e, f): x' = a x + b y + c, y' = d x + e y + f
+    # Elementwise, not a MatMul: the fp16 and int8 builds convert MatMuls, and positions must
+    # stay fp32 (a RoPE angle is position x frequency).
+    x_moved = m[:, 0:1] * xs + m[:, 1:2] * ys + m[:, 2:3]  # (B*T, H*W)
+    y_moved = m[:, 3:4] * xs + m[:, 4:5] * ys + m[:, 5:6]
+    return rope_at(y_moved, x_moved, head_dim, theta)
+
+
 class WanDiT(nn.Module):
     """`kernels`: how attention and RoPE are computed (export/kernels.py); the parameters and
     the result are the same either way."""
@@ -226,9 +263,10 @@ class WanDiT(nn.Module):
         self.proj_out = nn.Linear(D, in_channels * math.prod(cfg.patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, D) / D**0.5)
 
-    def forward(self, latent, timestep, ref_latent):
-        """latent (B, C, F, h, w), timestep (B,) in [0, 1000], ref_latent (B, C, 1, h, w)
-        -> velocity (B, C, F, h, w), the flow-matching target noise - x0."""
+    def forward(self, latent, timestep, ref_latent, motion):
+        """latent (B, C, F, h, w), timestep (B,) in [0, 1000], ref_latent (B, C, 1, h, w),
+        motion (B, F, 2, 3) (runtime/motion.py) -> velocity (B, C, F, h, w), the
+        flow-matching target noise - x0."""
         B, C, Fr, h, w = latent.shape
         pt, ph, pw = self.cfg.patch_size
         cfg, emb = self.cfg, self.condition_embedder
@@ -239,7 +277,7 @@ class WanDiT(nn.Module):
         mod = emb.time_proj(F.silu(temb)).unflatten(1, (emb.n_mod, cfg.dim))  # (B, n_mod, D)
         context = emb.ref_embedder(ref_latent)  # (B, H*W, D)
         rope_video = rope_tables(grid, cfg.head_dim, cfg.rope_theta)
-        rope_ref = rope_tables((1, *grid[1:]), cfg.head_dim, cfg.rope_theta)
+        rope_ref = reference_rope(motion, grid, cfg.head_dim, cfg.rope_theta)  # (B*T, H*W, d/2)
         for block in self.blocks:
             x = block(x, mod, context, rope_video, rope_ref, grid)
         shift, scale = (self.scale_shift_table + temb[:, None]).chunk(2, dim=1)

@@ -8,7 +8,8 @@ both branches in one batch-2 call; g == 1 skips the unconditional branch. Guidan
 of the conditional one. Latent frame 0 is the reference latent itself (causal VAE), so it is
 given, clean, rather than denoised (`with_reference_frame`, as in training): the DiT's input
 always carries it, and the unconditional branch carries zeros there as in its cross-attention
-context.
+context. The motion maps (runtime/motion.py) say where the reference's content is in each latent
+frame; the unconditional branch gets identity maps.
 
 Solvers (both return the next sample and this step's x0 estimate, which the next step of a
 multistep solver takes back; no hidden step counter):
@@ -31,6 +32,7 @@ import torch
 
 from export.dit import WanDiT
 from export.vae import WanVAE
+from runtime.motion import identity_maps
 
 
 def flow_sigmas(steps: int, shift: float) -> torch.Tensor:
@@ -100,27 +102,33 @@ class ReferencePipeline:
     dit: WanDiT
 
     @torch.no_grad()
-    def velocity(self, x, sigma: float, refs, guidance: float, rescale: float = 0.0):
-        """refs (1 or 2, C, 1, h, w): the reference, then with CFG the null one (`sample` builds
-        them once per video); both branches run as one batch-2 call. `rescale`: guidance rescale."""
+    def velocity(self, x, sigma: float, refs, motions, guidance: float, rescale: float = 0.0):
+        """refs (1 or 2, C, 1, h, w) and motions (1 or 2, F, 2, 3): the condition, then with CFG
+        the null one (`sample` builds them once per video); both branches run as one batch-2
+        call. `rescale`: guidance rescale."""
         t = torch.full((refs.shape[0],), 1000.0 * sigma, dtype=torch.float32)
         if refs.shape[0] == 1:
-            return self.dit(x, t, refs)
-        v_c, v_u = self.dit(with_reference_frame(torch.cat([x, x]), refs), t, refs).chunk(2)
+            return self.dit(x, t, refs, motions)
+        v_c, v_u = self.dit(with_reference_frame(torch.cat([x, x]), refs), t, refs, motions).chunk(2)
         v = v_u + guidance * (v_c - v_u)
         return v if rescale == 0.0 else rescale_frames(v, v_c, x, sigma, rescale)
 
     @torch.no_grad()
-    def sample(self, image: np.ndarray, noise: np.ndarray, steps: int, guidance: float,
+    def sample(self, image: np.ndarray, motion: np.ndarray, noise: np.ndarray, steps: int, guidance: float,
                shift: float, solver: str, guidance_rescale: float, start: torch.Tensor | None = None,
                start_sigma: float = 1.0) -> torch.Tensor:
-        """image uint8 (H, W, 3), noise (1, C, F, h, w) -> clean latent (1, C, F, h, w).
+        """image uint8 (H, W, 3), motion (F, 2, 3) maps (runtime/motion.py), noise (1, C, F, h, w)
+        -> clean latent (1, C, F, h, w).
 
         For measurement only (export/quality.py; wan-run always starts from noise): with a
         latent `start`, sampling begins at the first scheduled sigma s <= `start_sigma` from
         (1 - s) start + s noise and runs the remaining steps."""
         ref_latent = self.vae.encode(to_unit(image[None]))  # (1, C, 1, h, w)
-        refs = ref_latent if guidance == 1.0 else torch.cat([ref_latent, torch.zeros_like(ref_latent)])
+        maps = torch.from_numpy(np.asarray(motion, np.float32))[None]  # (1, F, 2, 3)
+        refs, motions = ref_latent, maps
+        if guidance != 1.0:  # the null condition: no reference, nothing moves
+            refs = torch.cat([ref_latent, torch.zeros_like(ref_latent)])
+            motions = torch.cat([maps, torch.from_numpy(identity_maps(maps.shape[1]))[None]])
         sigmas = flow_sigmas(steps, shift)
         first = int((sigmas > start_sigma).sum()) if start is not None else 0
         x = torch.from_numpy(noise).float()
@@ -130,15 +138,15 @@ class ReferencePipeline:
         x = with_reference_frame(x, ref_latent)
         step, x0 = SOLVERS[solver], None
         for i in range(first, steps):
-            v = self.velocity(x, float(sigmas[i]), refs, guidance, guidance_rescale)
+            v = self.velocity(x, float(sigmas[i]), refs, motions, guidance, guidance_rescale)
             x, x0 = step(x, v, sigmas, i, x0)
             x = with_reference_frame(x, ref_latent)
         return x
 
     @torch.no_grad()
-    def generate(self, image: np.ndarray, noise: np.ndarray, steps: int, guidance: float,
+    def generate(self, image: np.ndarray, motion: np.ndarray, noise: np.ndarray, steps: int, guidance: float,
                  shift: float, solver: str, guidance_rescale: float, start: torch.Tensor | None = None,
                  start_sigma: float = 1.0) -> torch.Tensor:
         """`sample`, then decode: video (1, 3, T, H, W) in [-1, 1]."""
-        return self.vae.decode(self.sample(image, noise, steps, guidance, shift, solver, guidance_rescale,
-                                           start, start_sigma))
+        return self.vae.decode(self.sample(image, motion, noise, steps, guidance, shift, solver,
+                                           guidance_rescale, start, start_sigma))

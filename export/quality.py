@@ -20,6 +20,8 @@ same on both, one that keeps colour and shape scores clearly better on its own.
                       background: 0; noise left by the sampler or decoder shows here)
     first_frame_psnr  frame 0 against the reference image (the clip should start from it)
     motion_px         largest centroid distance from frame 0's centroid (pixels)
+    track_px          (`evaluate`, with each clip's true motion given) mean centroid distance
+                      from the true clip's subject, frame by frame: is the given motion followed
 
     python -m export.quality --clips 8                      # the bundled small weights
     python -m export.quality --checkpoint w.safetensors --preset small --clips 8
@@ -31,10 +33,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from export.synthetic import ClipSpec, clip_batch
+from export.synthetic import ClipSpec, clip_batch, make_clips, motion_of
+from runtime.motion import background_colour, centroid, foreground_mask  # noqa: F401 - re-exported
 
 STREAM_HELDOUT = 9  # synthetic.clip_rng stream of the clips measured here; training uses 1..3
-FOREGROUND_DISTANCE = 50.0  # RGB distance from the background; the clips keep >= 100
 
 
 def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
@@ -65,28 +67,6 @@ def vae_psnr(vae, seed: int = 1, count: int = 8, spec: ClipSpec | None = None,
 
 
 # --- segmentation of one-subject frames -------------------------------------------------------
-
-def background_colour(frame: np.ndarray, border: int = 2) -> np.ndarray:
-    """Median RGB of the outer `border` pixels: the plain background, even where the subject
-    touches an edge."""
-    f = np.asarray(frame, np.float64)
-    ring = np.concatenate([f[:border].reshape(-1, 3), f[-border:].reshape(-1, 3),
-                           f[:, :border].reshape(-1, 3), f[:, -border:].reshape(-1, 3)])
-    return np.median(ring, axis=0)
-
-
-def foreground_mask(frame: np.ndarray, background: np.ndarray | None = None,
-                    threshold: float = FOREGROUND_DISTANCE) -> np.ndarray:
-    """bool (H, W): pixels whose colour is more than `threshold` from the background."""
-    bg = background_colour(frame) if background is None else background
-    return np.linalg.norm(np.asarray(frame, np.float64) - bg, axis=-1) > threshold
-
-
-def centroid(mask: np.ndarray) -> np.ndarray:
-    """(y, x) of a mask's pixels; NaNs for an empty mask."""
-    ys, xs = np.nonzero(mask)
-    return np.array([ys.mean(), xs.mean()]) if len(ys) else np.full(2, np.nan)
-
 
 def _shift(mask: np.ndarray, dy: int, dx: int) -> np.ndarray:
     """Move a mask by whole pixels, filling with False (no wrap-around, unlike np.roll)."""
@@ -192,9 +172,13 @@ def identity_report(videos, references) -> dict:
 
 def generate(vae, dit, references, cfg, seed: int = 0, steps: int | None = None,
              guidance: float | None = None, solver: str | None = None, truths=None,
-             restart_sigma: float = 1.0, guidance_rescale: float | None = None) -> list[np.ndarray]:
+             restart_sigma: float = 1.0, guidance_rescale: float | None = None,
+             motions=None) -> list[np.ndarray]:
     """One video per reference image with the PyTorch reference pipeline and `cfg`'s sampler
     defaults (what wan-run does with the exported model). Noise: seed + clip index.
+
+    `motions`: one `runtime.motion.Motion` per reference (None, or None for a clip: a random
+    motion drawn from the clip's seed, as wan-run does without one).
 
     `truths` (one uint8 clip per reference) with `restart_sigma` < 1: each clip starts from its
     own true latent noised to the first scheduled sigma <= restart_sigma instead of from pure
@@ -203,6 +187,7 @@ def generate(vae, dit, references, cfg, seed: int = 0, steps: int | None = None,
     import torch
 
     from export.pipeline import ReferencePipeline, to_uint8, to_unit
+    from runtime.motion import image_motion_maps
 
     s, v, g = cfg.sampler, cfg.video, cfg.geometry
     pipe = ReferencePipeline(vae, dit)
@@ -211,34 +196,52 @@ def generate(vae, dit, references, cfg, seed: int = 0, steps: int | None = None,
     videos = []
     for i, ref in enumerate(references):
         noise = np.random.default_rng(seed + i).standard_normal(shape).astype(np.float32)
+        motion = None if motions is None else motions[i]
+        maps, _ = image_motion_maps(ref, motion, seed + i, v.frames, g)
         with torch.no_grad():
             start = vae.encode(to_unit(truths[i])) if truths is not None and restart_sigma < 1.0 else None
-            video = pipe.generate(ref, noise, steps or s.steps, s.guidance if guidance is None else guidance,
-                                  s.shift, solver or s.solver,
+            video = pipe.generate(ref, maps, noise, steps or s.steps,
+                                  s.guidance if guidance is None else guidance, s.shift, solver or s.solver,
                                   s.guidance_rescale if guidance_rescale is None else guidance_rescale,
                                   start, restart_sigma)
         videos.append(to_uint8(video))
     return videos
 
 
+def track_error(videos, truths) -> float:
+    """Mean distance (pixels) between the subject's centroid in each generated frame and in the
+    same frame of the true clip: how closely the video follows the motion it was given. Frames
+    where either has no subject are skipped."""
+    d = [np.linalg.norm(centroid(foreground_mask(a)) - centroid(foreground_mask(b)))
+         for video, truth in zip(videos, truths) for a, b in zip(video, truth)]
+    return float(np.nanmean(d))
+
+
 def evaluate(vae, dit, cfg, seed: int = 1, clips: int = 8, steps: int | None = None,
              guidance: float | None = None, restart_sigma: float = 1.0,
-             guidance_rescale: float | None = None) -> dict:
+             guidance_rescale: float | None = None, own_motion: bool = True) -> dict:
     """Held-out VAE PSNR, and identity + motion of clips generated from held-out references,
     with the same metrics on the ground-truth clips for scale. Identity is measured on frames
     1.. only: frame 0 is the reference by construction (the DiT is given it), so its
-    `first_frame_psnr` is that of frame 1. `restart_sigma` < 1: see `generate`. None for
-    steps, guidance or guidance_rescale: the preset's."""
+    `first_frame_psnr` is that of frame 1. Each clip is generated with its true clip's motion
+    (`own_motion`, so the track error says how well it is followed), else with a random one
+    drawn from its seed. `restart_sigma` < 1: see `generate`. None for steps, guidance or
+    guidance_rescale: the preset's."""
     spec = ClipSpec(frames=cfg.video.frames, height=cfg.video.height, width=cfg.video.width)
-    truth = clip_batch(seed, clips, spec, STREAM_HELDOUT)
+    held_out = make_clips(seed, clips, spec, STREAM_HELDOUT)
+    truth = [c.frames for c in held_out]
     refs = [c[0] for c in truth]
+    motions = [motion_of(c.subject, spec) for c in held_out] if own_motion else None
     videos = generate(vae, dit, refs, cfg, seed=seed, steps=steps, guidance=guidance, truths=truth,
-                      restart_sigma=restart_sigma, guidance_rescale=guidance_rescale)
+                      restart_sigma=restart_sigma, guidance_rescale=guidance_rescale, motions=motions)
     def summary(report: dict) -> dict:
         return {k: v for k, v in report.items() if k != "per_clip"}
 
+    generated = summary(identity_report([v[1:] for v in videos], refs))
+    if own_motion:
+        generated["track_px"] = track_error([v[1:] for v in videos], [t[1:] for t in truth])
     return {"vae_psnr_db": vae_psnr(vae, seed, clips, spec)["mean_db"],
-            "generated": summary(identity_report([v[1:] for v in videos], refs)),
+            "generated": generated,
             "ground_truth": summary(identity_report([c[1:] for c in truth], refs)),
             "videos": videos}
 
@@ -265,11 +268,13 @@ def _cli():
     @click.option("--restart-sigma", type=click.FloatRange(0.0, 1.0), default=1.0, show_default=True,
                   help="Start each clip from its true latent noised to the first scheduled sigma <= "
                        "this, instead of from pure noise (1): which noise levels lose the shape.")
+    @click.option("--random-motion", is_flag=True, help="Give each clip a random motion drawn from its "
+                  "seed (as wan-run does without a motion) instead of its true clip's motion.")
     @click.option("--save", type=click.Path(path_type=str), help="Write the generated clips here "
                   "(one PNG strip per clip: reference, then frames).")
     @click.option("--debug", is_flag=True)
     def main(checkpoint, preset, config_path, clips, seed, steps, guidance, guidance_rescale, restart_sigma,
-             save, debug):
+             random_motion, save, debug):
         """Measure a checkpoint on held-out synthetic clips; print JSON."""
         import torch
 
@@ -284,7 +289,8 @@ def _cli():
         cfg = load_config(config_path) if config_path else get_preset(preset or "small")
         vae, dit = build_models(cfg, checkpoint=checkpoint)
         result = evaluate(vae, dit, cfg, seed=seed, clips=clips, steps=steps, guidance=guidance,
-                          restart_sigma=restart_sigma, guidance_rescale=guidance_rescale)
+                          restart_sigma=restart_sigma, guidance_rescale=guidance_rescale,
+                          own_motion=not random_motion)
         videos = result.pop("videos")
         if save:
             from pathlib import Path

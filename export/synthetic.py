@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from runtime.motion import Motion
+
 SHAPES = ("circle", "square", "triangle", "hexagon", "star", "cross", "ring")
 TEXTURES = ("stripes", "checker")
 
@@ -90,6 +92,26 @@ class Clip:
         return {"shape": s.shape, "texture": s.texture, "colour": s.colour, "colour2": s.colour2,
                 "background": s.background, "mean_colour": s.mean_colour.tolist(),
                 "centres": s.centres, "masks": self.masks}
+
+
+def motion_of(subject: Subject, spec: ClipSpec) -> Motion:
+    """The clip's motion as the runtime describes it (runtime/motion.py): `Motion.path` from
+    the subject's first centre gives back its centres, turns and scales."""
+    c, T = subject.centres, len(subject.centres)
+    unit = min(spec.height, spec.width)
+    if T < 3:
+        return Motion()
+    d = c[-1] - c[0]
+    # Bezier minus chord is 2 s (1 - s) (control - chord midpoint), and the path's midpoint is
+    # halfway to the control point: any inner frame gives the midpoint's offset.
+    k = (T - 1) // 2
+    s = k / (T - 1)
+    offset = (c[k] - ((1 - s) * c[0] + s * c[-1])) / (4 * s * (1 - s))
+    dist = float(np.hypot(*d))
+    bend = float(offset @ np.array([-d[1], d[0]]) / dist / unit) if dist > 0 else 0.0
+    return Motion((float(d[0] / unit), float(d[1] / unit)), bend,
+                  math.degrees(float(subject.angles[-1] - subject.angles[0])),
+                  float(subject.scales[-1] / subject.scales[0]))
 
 
 def clip_rng(seed: int, stream: int, index: int) -> np.random.Generator:

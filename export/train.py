@@ -10,8 +10,9 @@
                     timestep 1000 sigma; sigma is shifted-uniform (`DiTTraining.shift`);
                     reference latent = `WanVAE.encode(frame 0)`, given twice: as the
                     cross-attention context and, clean, as latent frame 0 of the input (the
-                    loss covers frames 1..); both replaced by zeros (the null condition of
-                    CFG) with probability `p_uncond`
+                    loss covers frames 1..), and the clip's own motion as the DiT's motion
+                    maps (runtime/motion.py); the reference replaced by zeros and the motion
+                    by the identity (the null condition of CFG) with probability `p_uncond`
 
 Both models start from a working point rather than noise (`init_for_training`): the VAE as a
 box-filter autoencoder (~24 dB before its first step), the DiT with adaLN-zero blocks and a
@@ -41,7 +42,9 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,9 +54,11 @@ from export.config import ModelConfig
 from export.dit import WanDiT
 from export.pipeline import to_unit, with_reference_frame
 from export.quality import vae_psnr
-from export.synthetic import ClipSpec, clip_batch, clip_rng, random_crop
+from export.synthetic import Clip, ClipSpec, clip_rng, make_clips, motion_of, random_crop
 from export.vae import ResidualBlock, WanVAE
 from export.weights import load_checkpoint, save_checkpoint
+from runtime.motion import motion_maps, subject_centre
+from runtime.stages import Geometry
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +68,9 @@ STREAM_VAE, STREAM_DIT, STREAM_VAL = 1, 2, 3
 
 # Defaults: both stages together take 22 to 27 minutes with both cores of the 2-core dev
 # machine for the small preset (VAE base_dim 8, DiT dim 128): measured 0.12-0.15 s per VAE
-# step, 0.24-0.31 s per DiT step (one thread: 0.21 s and 0.55 s). The caps (28 minutes
-# together) keep a slower machine inside the 30-minute budget.
+# step, 0.24-0.33 s per DiT step (one thread: 0.21 s and 0.55 s; the motion maps' per-frame
+# cross-attention made a DiT step ~10% slower). The caps (29 minutes together) keep a slower
+# machine inside the 30-minute budget.
 
 @dataclass(frozen=True)
 class VAETraining:
@@ -98,6 +104,9 @@ class DiTTraining:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     p_uncond: float = 0.1  # reference dropped (zeros) this often: CFG's unconditional branch
+    # Of the rest, this many see the identity motion with their reference (the measured recipe;
+    # with it, the identity map makes the subject stay in place: README, "Motion as an input").
+    p_no_motion: float = 0.1
     # Training sigmas are shifted like the sampler's (`sample_sigmas`), but harder: the outline
     # and the path are decided at high noise, and shift 10 puts more steps there than the
     # sampler's 5. Measured, 4 runs against 3 on 16 held-out clips (README "Training shift"):
@@ -109,7 +118,9 @@ class DiTTraining:
     pool_clips: int = 600
     val_clips: int = 8
     val_every: int = 100
-    minutes: float = 17.5  # wall-clock cap for this stage, encoding included
+    # Wall-clock cap for this stage, encoding included. The shipped run needed 17.5 minutes
+    # (76 s encoding, then 0.33 s a step), so the cap leaves one minute of slack.
+    minutes: float = 18.5
     # The weights that ship are an exponential moving average of the trained ones (decay
     # ramped up as (1 + step) / (10 + step)): averaging out the last steps' noise matters most
     # for a model this far from converged. In 3,000 steps the ramp ends at 0.997, below this
@@ -301,8 +312,9 @@ def _init_dit(dit: WanDiT, gen: torch.Generator) -> None:
     network starts as the identity on its tokens and predicts v = 0.
 
     Cross-attention starts *positional* (`_positional_cross_attention`): each video token looks
-    at the reference patch at its own (h, w). That pattern is what reference conditioning needs
-    most (the subject and background of frame 0 are right there) and what the DiT is slowest to
+    at the reference patch that the frame's motion map puts at its own (h, w) (with the identity
+    map: the patch at its (h, w)). That pattern is what reference conditioning needs most (the
+    subject where the motion takes it, the background around it) and what the DiT is slowest to
     find from a random start; the query/key weights can learn content-based attention on top.
     """
     for m in dit.modules():
@@ -472,20 +484,40 @@ def train_vae(vae: WanVAE, train: VAETraining, spec: ClipSpec, seed: int, loss_l
 
 # --- latent statistics and the DiT's data -----------------------------------------------------
 
+class DiTData(NamedTuple):
+    """Encoded clips: latents (N, z, F, h, w), reference latents (N, z, 1, h, w) and motion
+    maps (N, F, 2, 3)."""
+
+    latents: torch.Tensor
+    refs: torch.Tensor
+    motions: torch.Tensor
+
+
+def clip_motion_maps(clip: Clip, geometry: Geometry) -> np.ndarray:
+    """The DiT's motion input for a training clip, (F, 2, 3): its own motion, from the subject's
+    centre as the runtime finds it in the reference (not the drawn centre), as wan-run does."""
+    spec = ClipSpec(frames=len(clip.frames), height=clip.frames.shape[1], width=clip.frames.shape[2])
+    centre, _ = subject_centre(clip.reference)
+    return motion_maps(motion_of(clip.subject, spec), centre, spec.frames, spec.height, spec.width,
+                       geometry)
+
+
 @torch.no_grad()
-def encode_clips(vae: WanVAE, seed: int, stream: int, count: int, spec: ClipSpec, batch: int = 4,
-                 progress: bool = False, desc: str = "encode") -> tuple[torch.Tensor, torch.Tensor]:
+def encode_clips(vae: WanVAE, seed: int, stream: int, count: int, spec: ClipSpec, geometry: Geometry,
+                 batch: int = 4, progress: bool = False, desc: str = "encode") -> DiTData:
     """Clips 0..count-1 of (seed, stream), encoded with the VAE's current buffers:
-    latents (N, z, F, h, w) and reference latents (N, z, 1, h, w), the reference being frame 0
-    encoded on its own as a 1-frame video, exactly what the pipelines feed the DiT."""
-    latents, refs = [], []
+    latents (N, z, F, h, w), reference latents (N, z, 1, h, w), the reference being frame 0
+    encoded on its own as a 1-frame video, exactly what the pipelines feed the DiT, and each
+    clip's motion maps (N, F, 2, 3)."""
+    latents, refs, maps = [], [], []
     for i in tqdm(range(0, count, batch), desc=desc, disable=not progress, dynamic_ncols=True,
                   mininterval=1.0):
-        clips = clip_batch(seed, min(batch, count - i), spec, stream, start=i)  # (b, T, H, W, 3)
-        video = torch.cat([to_unit(c) for c in clips])  # (b, 3, T, H, W)
+        clips = make_clips(seed, min(batch, count - i), spec, stream, start=i)
+        video = torch.cat([to_unit(c.frames) for c in clips])  # (b, 3, T, H, W)
         latents.append(vae.encode(video))
         refs.append(vae.encode(video[:, :, :1]))
-    return torch.cat(latents), torch.cat(refs)
+        maps += [torch.from_numpy(clip_motion_maps(c, geometry)) for c in clips]
+    return DiTData(torch.cat(latents), torch.cat(refs), torch.stack(maps))
 
 
 @torch.no_grad()
@@ -503,20 +535,19 @@ def normalize(vae: WanVAE, raw_latents: torch.Tensor) -> torch.Tensor:
     return (raw_latents - mean) / std
 
 
-def dit_data(vae: WanVAE, seed: int, spec: ClipSpec, train: DiTTraining, fit_stats: bool,
-             save_dtype: torch.dtype, progress: bool = True):
-    """The DiT's training pool and held-out latents. With `fit_stats`, the latent statistics
+def dit_data(vae: WanVAE, seed: int, spec: ClipSpec, geometry: Geometry, train: DiTTraining,
+             fit_stats: bool, save_dtype: torch.dtype, progress: bool = True) -> tuple[DiTData, DiTData]:
+    """The DiT's training pool and held-out clips. With `fit_stats`, the latent statistics
     are fitted on the pool's raw latents first (one encoding serves both)."""
     if fit_stats:
         vae.latent_mean.zero_()
         vae.latent_std.fill_(1.0)
-    latents, refs = encode_clips(vae, seed, STREAM_DIT, train.pool_clips, spec, progress=progress,
-                                 desc="encode clips")
+    data = encode_clips(vae, seed, STREAM_DIT, train.pool_clips, spec, geometry, progress=progress,
+                        desc="encode clips")
     if fit_stats:
-        set_latent_stats(vae, latents, save_dtype)
-        latents, refs = normalize(vae, latents), normalize(vae, refs)
-    val = encode_clips(vae, seed, STREAM_VAL, train.val_clips, spec)
-    return (latents, refs), val
+        set_latent_stats(vae, data.latents, save_dtype)
+        data = DiTData(normalize(vae, data.latents), normalize(vae, data.refs), data.motions)
+    return data, encode_clips(vae, seed, STREAM_VAL, train.val_clips, spec, geometry)
 
 
 # --- stage 2: DiT -----------------------------------------------------------------------------
@@ -531,12 +562,15 @@ def sample_sigmas(batch: int, shift: float, gen: torch.Generator) -> torch.Tenso
     return shift * u / (1 + (shift - 1) * u)
 
 
-def flow_matching_loss(dit: WanDiT, x0: torch.Tensor, ref: torch.Tensor, shift: float,
-                       p_uncond: float, gen: torch.Generator) -> torch.Tensor:
-    """x0 (B, C, F, h, w), ref (B, C, 1, h, w): MSE between the DiT's velocity and noise - x0
-    on latent frames 1.., with latent frame 0 of the input being the clean reference
-    (`with_reference_frame`, as the pipelines sample). A dropped reference (CFG's unconditional
-    branch) is zeros in both places: the cross-attention context and frame 0.
+def flow_matching_loss(dit: WanDiT, x0: torch.Tensor, ref: torch.Tensor, motion: torch.Tensor,
+                       shift: float, p_uncond: float, gen: torch.Generator,
+                       p_no_motion: float = 0.0) -> torch.Tensor:
+    """x0 (B, C, F, h, w), ref (B, C, 1, h, w), motion (B, F, 2, 3): MSE between the DiT's
+    velocity and noise - x0 on latent frames 1.., with latent frame 0 of the input being the
+    clean reference (`with_reference_frame`, as the pipelines sample). A dropped condition
+    (CFG's unconditional branch, `p_uncond`) is zeros in both places the reference goes (the
+    cross-attention context and frame 0) and the identity motion; `p_no_motion` of the rest
+    keep the reference but get the identity motion.
 
     Measured against noising frame 0 like the others (the previous recipe, which put frame 0
     back on its flow path while sampling), 3,000 steps each, 2 seeds x 16 held-out clips,
@@ -546,10 +580,12 @@ def flow_matching_loss(dit: WanDiT, x0: torch.Tensor, ref: torch.Tensor, shift: 
     sigma = sample_sigmas(B, shift, gen)
     noise = torch.randn(x0.shape, generator=gen)
     s = sigma.view(B, 1, 1, 1, 1)
-    keep = (torch.rand(B, generator=gen) >= p_uncond).float().view(B, 1, 1, 1, 1)
-    ref = ref * keep
+    keep = torch.rand(B, generator=gen) >= p_uncond
+    moves = keep & (torch.rand(B, generator=gen) >= p_no_motion)
+    ref = ref * keep.float().view(B, 1, 1, 1, 1)
+    motion = torch.where(moves.view(B, 1, 1, 1), motion, torch.eye(2, 3))
     x_sigma = with_reference_frame((1 - s) * x0 + s * noise, ref)
-    v = dit(x_sigma, 1000.0 * sigma, ref)
+    v = dit(x_sigma, 1000.0 * sigma, ref, motion)
     return F.mse_loss(v[:, :, 1:], (noise - x0)[:, :, 1:])  # frame 0 is given, not predicted
 
 
@@ -567,21 +603,20 @@ def swapped(params: list[torch.Tensor], others: list[torch.Tensor]):
 
 
 @torch.no_grad()
-def validation_loss(dit: WanDiT, latents: torch.Tensor, refs: torch.Tensor, shift: float) -> float:
-    """Flow-matching loss on held-out latents at fixed noise and sigmas (comparable across steps)."""
+def validation_loss(dit: WanDiT, val: DiTData, shift: float) -> float:
+    """Flow-matching loss on held-out clips at fixed noise and sigmas (comparable across steps)."""
     dit.eval()
     gen = torch.Generator().manual_seed(1234)
-    loss = float(flow_matching_loss(dit, latents, refs, shift, 0.0, gen))
+    loss = float(flow_matching_loss(dit, val.latents, val.refs, val.motions, shift, 0.0, gen))
     dit.train()
     return loss
 
 
-def train_dit(dit: WanDiT, data, val_data, train: DiTTraining, seed: int,
+def train_dit(dit: WanDiT, data: DiTData, val_data: DiTData, train: DiTTraining, seed: int,
               loss_log: LossLog, progress: bool = True, start: float | None = None) -> dict:
-    """Train on `data` = (latents, refs) normalized; `val_data` likewise, held out. `start`:
-    when the stage began (time.monotonic) if encoding the data counts against its cap."""
+    """Train on `data` (normalized latents); `val_data` likewise, held out. `start`: when the
+    stage began (time.monotonic) if encoding the data counts against its cap."""
     start = time.monotonic() if start is None else start
-    (latents, refs), (val_latents, val_refs) = data, val_data
     dit.train()
     opt = _optimizer(dit, train.lr, train.weight_decay)
     params = list(dit.parameters())
@@ -593,8 +628,9 @@ def train_dit(dit: WanDiT, data, val_data, train: DiTTraining, seed: int,
     for step, lr in schedule(train.steps, train.minutes, train.lr, train.warmup, train.min_lr, start):
         for group in opt.param_groups:
             group["lr"] = lr
-        idx = torch.randint(len(latents), (train.batch,), generator=gen)
-        loss = flow_matching_loss(dit, latents[idx], refs[idx], train.shift, train.p_uncond, gen)
+        idx = torch.randint(len(data.latents), (train.batch,), generator=gen)
+        loss = flow_matching_loss(dit, data.latents[idx], data.refs[idx], data.motions[idx], train.shift,
+                                  train.p_uncond, gen, train.p_no_motion)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = _clip_grad(dit.parameters(), train.grad_clip)
@@ -605,7 +641,7 @@ def train_dit(dit: WanDiT, data, val_data, train: DiTTraining, seed: int,
                   "elapsed_s": time.monotonic() - start}
         if train.val_every and (step + 1) % train.val_every == 0:
             with swapped(params, averaged):
-                val = record["val_loss"] = validation_loss(dit, val_latents, val_refs, train.shift)
+                val = record["val_loss"] = validation_loss(dit, val_data, train.shift)
         loss_log.write(**record)
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", val=f"{val:.4f}")
@@ -620,7 +656,7 @@ def train_dit(dit: WanDiT, data, val_data, train: DiTTraining, seed: int,
         log.warning("DiT stage reached its %.1f-minute cap after %d of %d steps (annealed by the "
                     "clock; not bit-reproducible)", train.minutes, done, train.steps)
     return {"steps": done, "stopped_by": stopped, "seconds": time.monotonic() - start,
-            "val_loss": validation_loss(dit, val_latents, val_refs, train.shift)}
+            "val_loss": validation_loss(dit, val_data, train.shift)}
 
 
 # --- both stages ------------------------------------------------------------------------------
@@ -664,9 +700,10 @@ def train(model: ModelConfig, training: TrainingConfig, out: str | Path | None,
         dit_start = time.monotonic()
         fit_stats = training.vae.steps > 0 or init is None  # a new VAE needs new constants
         if fit_stats or training.dit.steps > 0:
-            data, val_data = dit_data(vae, training.seed, spec, training.dit, fit_stats, save_dtype,
-                                      progress)
-            log.info("DiT data: %d clips, latents %s, %.0f s", len(data[0]), tuple(data[0].shape[1:]),
+            data, val_data = dit_data(vae, training.seed, spec, model.geometry, training.dit, fit_stats,
+                                      save_dtype, progress)
+            log.info("DiT data: %d clips, latents %s, %.0f s", len(data.latents),
+                     tuple(data.latents.shape[1:]),
                      time.monotonic() - dit_start)
         summary["latent_mean"] = vae.latent_mean.tolist()
         summary["latent_std"] = vae.latent_std.tolist()

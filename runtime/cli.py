@@ -17,10 +17,45 @@ Examples:
   wan-run artifacts/small --image examples/reference.png -o out.mp4
   wan-run artifacts/small --image ref.png --frames 33 --steps 30 --solver euler -o clip.gif
   wan-run artifacts/small --image ref.png --seed 7 -o frames/      # a folder of PNGs
+  wan-run artifacts/small --image ref.png --move 0.3,-0.1 --turn 45 -o right_up.mp4
+  wan-run artifacts/small --image ref.png --move 0.25,0 --bend 0.05 --zoom 1.3 -o arc.mp4
 
 Defaults for frames, size, steps, guidance (and its rescale), shift, solver and fps come from the
 artifact's manifest (the preset it was exported from). The same seed gives the same video.
+
+Motion: the subject (whatever stands out from the plain background of the reference) moves from
+where it is by --move, along a path bent by --bend, turning by --turn and scaling to --zoom by the
+last frame. Give any of them and the others default to none; give none and a random motion is
+drawn from the seed (printed at the end); --still keeps the subject in place. Distances are
+fractions of the frame's shorter side, x to the right and y down.
 """
+
+
+def parse_move(text: str | None) -> tuple[float, float] | None:
+    """'DX,DY' -> (dx, dy); a one-line WanError for anything else."""
+    if text is None:
+        return None
+    parts = text.split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        return float(parts[0]), float(parts[1])
+    except ValueError:
+        raise WanError(f"move {text!r} is not allowed: use DX,DY (two numbers, e.g. 0.3,-0.1)") from None
+
+
+def motion_from_options(move, bend, turn, zoom, still):
+    """The Motion the options describe, or None for a random one drawn from the seed."""
+    from runtime.motion import Motion
+
+    given = [move is not None, bend is not None, turn is not None, zoom is not None]
+    if still and any(given):
+        raise WanError("--still is not allowed with --move, --bend, --turn or --zoom")
+    if still:
+        return Motion()
+    if not any(given):
+        return None
+    return Motion(parse_move(move) or (0.0, 0.0), bend or 0.0, turn or 0.0, 1.0 if zoom is None else zoom)
 
 
 @click.command(epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"],
@@ -40,7 +75,15 @@ artifact's manifest (the preset it was exported from). The same seed gives the s
               "prediction's, against over-saturated colours at high guidance (0 = plain CFG).")
 @click.option("--shift", type=float, help="Flow-matching sigma shift (> 0).")
 @click.option("--solver", type=click.Choice(["euler", "dpm++2m"]), help="ODE solver.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Noise seed.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Noise seed (and the random motion's, when no motion is given).")
+@click.option("--move", metavar="DX,DY", help="Where the subject's centre ends, from where it starts, in "
+              "fractions of the shorter side (x right, y down); distance at most 0.5.")
+@click.option("--bend", type=float, help="Sideways offset of the path's midpoint, -0.15 to 0.15 "
+              "(> 0: to the right of the direction of travel).")
+@click.option("--turn", type=float, help="Rotation over the clip in degrees, -90 to 90 (> 0: clockwise).")
+@click.option("--zoom", type=float, help="The subject's final scale, 0.667 to 1.5.")
+@click.option("--still", is_flag=True, help="Keep the subject in place.")
 @click.option("--fps", type=int, help="Frames per second of the written video.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32",
               show_default=True,
@@ -56,20 +99,26 @@ artifact's manifest (the preset it was exported from). The same seed gives the s
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or timing table.")
 @click.option("--debug", is_flag=True, help="Tracebacks and debug logging.")
 def main(artifacts, image, output, frames, height, width, steps, guidance, guidance_rescale, shift,
-         solver, seed, fps, precision, backend, threads, verify, overwrite, quiet, debug):
+         solver, seed, move, bend, turn, zoom, still, fps, precision, backend, threads, verify, overwrite,
+         quiet, debug):
     """Generate a video that animates a reference image, from a wan-export artifact directory."""
     from runtime.media import check_output, load_image, write_video
     from runtime.pipeline import Pipeline, Timings
 
     check_output(output, overwrite)  # fail on a bad output name before any slow work
+    motion = motion_from_options(move, bend, turn, zoom, still)
+    if motion is not None:
+        motion.check()
     if threads is not None and threads < 1:
         raise WanError(f"threads {threads} is not allowed: use a whole number >= 1")
     if fps is not None and fps < 1:
         raise WanError(f"fps {fps} is not allowed: use a whole number >= 1")
     pipe = Pipeline.from_dir(artifacts, precision=precision, backend=backend, verify=verify,
                              threads=threads)
-    req = pipe.check_request(frames, height, width, steps, guidance, shift, solver, seed, guidance_rescale)
+    req = pipe.check_request(frames, height, width, steps, guidance, shift, solver, seed, guidance_rescale,
+                             motion)
     ref = load_image(image, req.height, req.width)
+    used = pipe.motion_maps(ref, req)[1]  # the motion given, or the one the seed draws
 
     bar = None
     if not quiet:
@@ -90,6 +139,8 @@ def main(artifacts, image, output, frames, height, width, steps, guidance, guida
         click.echo(f"wrote {path} ({req.frames} frames, {req.width}x{req.height}, "
                    f"{req.steps} steps, {req.solver}, guidance {req.guidance} "
                    f"rescaled {req.guidance_rescale}, seed {req.seed})")
+        if pipe.takes_motion:
+            click.echo(f"motion: {used.describe()}" + (" (drawn from the seed)" if motion is None else ""))
         click.echo(timings.table())
 
 

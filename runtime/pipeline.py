@@ -3,7 +3,8 @@
 Layered like a small inference API:
     Pipeline.from_dir(path)                          load + verify the artifacts once
     pipe.encode_reference(image) -> ref latent       one stage call
-    pipe.denoise(ref, noise, ...) -> latent          the flow-matching loop (one DiT call a step)
+    pipe.motion_maps(image, req) -> maps, motion     where the subject goes (runtime/motion.py)
+    pipe.denoise(ref, maps, noise, ...) -> latent    the flow-matching loop (one DiT call a step)
     pipe.decode(latent) -> uint8 frames
     pipe.generate(image, ...) -> Generation          all of it, with per-stage timings
     pipe(image, ...) -> uint8 frames (T, H, W, 3)    the same, frames only
@@ -25,6 +26,7 @@ import numpy as np
 from runtime.backends import open_backend
 from runtime.errors import WanError
 from runtime.manifest import Manifest, load_manifest
+from runtime.motion import Motion, identity_maps, image_motion_maps
 from runtime.solvers import SOLVERS, flow_sigmas, guided, rescale_frames, timestep, with_reference_frame
 from runtime.stages import STREAM_STAGE_NAMES
 
@@ -42,6 +44,7 @@ class Request:
     shift: float
     solver: str
     seed: int
+    motion: Motion | None  # None: a random motion drawn from the seed
 
 
 @dataclass
@@ -68,6 +71,7 @@ class Generation:
     frames: np.ndarray  # uint8 (T, H, W, 3)
     timings: Timings
     request: Request
+    motion: Motion  # the motion used (the request's, or the one drawn from its seed)
 
 
 def to_unit(frames_uint8: np.ndarray) -> np.ndarray:
@@ -101,8 +105,10 @@ class Pipeline:
     # -- validation -----------------------------------------------------------------------
 
     def check_request(self, frames=None, height=None, width=None, steps=None, guidance=None,
-                      shift=None, solver=None, seed=0, guidance_rescale=None) -> Request:
-        """Fill defaults from the manifest and check every value against what the graphs allow."""
+                      shift=None, solver=None, seed=0, guidance_rescale=None,
+                      motion: Motion | None = None) -> Request:
+        """Fill defaults from the manifest and check every value against what the graphs allow
+        (and `motion` against what the model was trained on)."""
         m, g = self.manifest, self.manifest.geometry
         video, sampler = m.video, m.sampler
         frames = video["frames"] if frames is None else frames
@@ -141,8 +147,13 @@ class Pipeline:
             raise WanError(f"solver {solver!r} is not allowed: use one of {', '.join(SOLVERS)}")
         if not isinstance(seed, int) or not 0 <= seed < 2**63:
             raise WanError(f"seed {seed} is not allowed: use a whole number from 0 to 2^63-1")
+        if motion is not None:
+            if not self.takes_motion:
+                raise WanError("these artifacts' DiT has no motion input (exported before it existed): "
+                               "re-export them to give a motion")
+            motion.check()
         return Request(frames, height, width, steps, float(guidance), float(guidance_rescale),
-                       float(shift), solver, seed)
+                       float(shift), solver, seed, motion)
 
     # -- stages ---------------------------------------------------------------------------
 
@@ -157,36 +168,55 @@ class Pipeline:
         noise = np.random.default_rng(req.seed).standard_normal(shape, dtype=np.float32)
         return self.backend.to_device(noise)  # drawn on the host: the same on every backend
 
-    def dit_reference(self, ref_latent, guidance: float):
-        """The DiT's `ref_latent` input for every step: with guidance != 1 the conditional and
-        null-reference (all-zero latent) branches run as one batch-2 call. Built once per video;
-        each branch's latent frame 0 is its reference too (`with_reference_frame`)."""
-        if guidance == 1.0:
-            return ref_latent
-        return self.xp.concatenate([ref_latent, self.xp.zeros_like(ref_latent)])
+    @property
+    def takes_motion(self) -> bool:
+        """False for artifacts exported before the DiT had a motion input."""
+        return any(t.name == "motion" for t in self.stages["dit"].spec.inputs)
 
-    def velocity(self, x, sigma: float, dit_ref, guidance: float, rescale: float = 0.0):
-        """One DiT call; `dit_ref` from `dit_reference`; `rescale`: see `solvers.rescale_frames`."""
+    def motion_maps(self, image: np.ndarray, req: Request) -> tuple[np.ndarray, Motion]:
+        """The DiT's motion maps (F, 2, 3) for a reference image, and the motion they describe:
+        the request's, or one drawn from its seed (runtime/motion.py)."""
+        return image_motion_maps(image, req.motion, req.seed, req.frames, self.manifest.geometry)
+
+    def dit_condition(self, ref_latent, maps, guidance: float) -> dict:
+        """The DiT's condition inputs for every step, built once per video: `ref_latent` and
+        `motion` (maps (F, 2, 3)). With guidance != 1 the conditional and null branches (all-zero
+        reference latent, identity motion) run as one batch-2 call; each branch's latent frame 0
+        is its reference too (`with_reference_frame`)."""
+        xp = self.xp
+        motion = self.backend.to_device(np.ascontiguousarray(maps[None]))  # (1, F, 2, 3)
+        if guidance != 1.0:
+            ref_latent = xp.concatenate([ref_latent, xp.zeros_like(ref_latent)])
+            still = self.backend.to_device(identity_maps(maps.shape[0])[None])
+            motion = xp.concatenate([motion, still])
+        if not self.takes_motion:
+            return {"ref_latent": ref_latent}
+        return {"ref_latent": ref_latent, "motion": motion}
+
+    def velocity(self, x, sigma: float, condition: dict, guidance: float, rescale: float = 0.0):
+        """One DiT call; `condition` from `dit_condition`; `rescale`: see `solvers.rescale_frames`."""
         dit, xp = self.stages["dit"], self.xp
-        batch = dit_ref.shape[0]
+        ref = condition["ref_latent"]
+        batch = ref.shape[0]
         t = xp.full((batch,), timestep(sigma), dtype=xp.float32)
-        latent = x if batch == 1 else with_reference_frame(xp.concatenate([x] * batch), dit_ref)
-        v = dit(latent=latent, timestep=t, ref_latent=dit_ref)["velocity"]
+        latent = x if batch == 1 else with_reference_frame(xp.concatenate([x] * batch), ref)
+        v = dit(latent=latent, timestep=t, **condition)["velocity"]
         if batch == 1:
             return v
         v_guided = guided(v[:1], v[1:], guidance)
         return v_guided if rescale == 0.0 else rescale_frames(v_guided, v[:1], x, sigma, rescale)
 
-    def denoise(self, ref_latent: np.ndarray, noise: np.ndarray, req: Request,
+    def denoise(self, ref_latent: np.ndarray, maps: np.ndarray, noise: np.ndarray, req: Request,
                 on_step: Callable[[int, float], None] | None = None) -> np.ndarray:
         """Integrate the flow from noise (sigma 1) to a clean latent (sigma 0), with latent
-        frame 0 the clean reference latent throughout (`with_reference_frame`)."""
+        frame 0 the clean reference latent throughout (`with_reference_frame`); `maps` from
+        `motion_maps`."""
         sigmas = flow_sigmas(req.steps, req.shift)
-        dit_ref = self.dit_reference(ref_latent, req.guidance)  # constant across steps
+        condition = self.dit_condition(ref_latent, maps, req.guidance)  # constant across steps
         step, x, x0 = SOLVERS[req.solver], with_reference_frame(noise, ref_latent), None
         for i in range(req.steps):
             t0 = time.perf_counter()
-            v = self.velocity(x, float(sigmas[i]), dit_ref, req.guidance, req.guidance_rescale)
+            v = self.velocity(x, float(sigmas[i]), condition, req.guidance, req.guidance_rescale)
             x, x0 = step(x, v, sigmas, i, x0)
             x = with_reference_frame(x, ref_latent)
             if on_step is not None:
@@ -222,12 +252,14 @@ class Pipeline:
 
     def generate(self, image: np.ndarray | str | Path, frames=None, height=None, width=None,
                  steps=None, guidance=None, shift=None, solver=None, seed=0,
-                 guidance_rescale=None, noise: np.ndarray | None = None,
+                 guidance_rescale=None, motion: Motion | None = None, noise: np.ndarray | None = None,
                  on_step: Callable[[int, float], None] | None = None) -> Generation:
         """image: uint8 (H, W, 3) at the requested size, or an image file (resized and
-        centre-cropped to it). `noise` overrides the seeded initial latent (for parity tests)."""
+        centre-cropped to it). `motion`: where the subject goes (None: drawn from the seed;
+        `Motion()`: it stays in place). `noise` overrides the seeded initial latent (for
+        parity tests)."""
         req = self.check_request(frames, height, width, steps, guidance, shift, solver, seed,
-                                 guidance_rescale)
+                                 guidance_rescale, motion)
         if isinstance(image, (str, Path)):
             from runtime.media import load_image
 
@@ -237,7 +269,7 @@ class Pipeline:
                            f"uint8 ({req.height}, {req.width}, 3)")
         timings = Timings()
         frames_out = np.concatenate(list(self.generate_chunks(image, req, timings, noise, on_step)))
-        return Generation(frames_out, timings, req)
+        return Generation(frames_out, timings, req, self.motion_maps(image, req)[1])
 
     def generate_chunks(self, image: np.ndarray, req: Request, timings: Timings,
                         noise: np.ndarray | None = None,
@@ -255,7 +287,7 @@ class Pipeline:
             if on_step is not None:
                 on_step(i, seconds)
 
-        latent = self.denoise(ref_latent, noise, req, record)
+        latent = self.denoise(ref_latent, self.motion_maps(image, req)[0], noise, req, record)
         consumer = 0.0  # time spent outside this generator, by whoever takes the chunks
         chunks = self.decode_stream(latent) if self.can_stream else iter([self.decode_video(latent)])
         t0 = time.perf_counter()

@@ -223,6 +223,9 @@ def stage_specs(geom: Geometry) -> dict[str, StageSpec]:
                 TensorSpec("latent", latent),
                 TensorSpec("timestep", (B,), value_range=(0.0, 1000.0)),
                 TensorSpec("ref_latent", ref_latent),
+                # Per latent frame, the affine map of the token grid that carries the reference's
+                # content there (runtime/motion.py); identity maps: it stays where it is.
+                TensorSpec("motion", (B, Dim("F"), Dim.fixed(2), Dim.fixed(3))),
             ),
             outputs=(TensorSpec("velocity", latent),),
         ),

@@ -38,6 +38,16 @@ def test_wan_run_happy_path(tiny_dir, ref_png, tmp_path):
     for row in ("encode", "DiT per step", "decode", "total"):
         assert row in r.stdout
     assert "denoising" in r.stderr  # the progress bar
+    assert "motion: --move" in r.stdout and "(drawn from the seed)" in r.stdout
+    # a motion given (a negative first number is taken as the value), and the subject kept still
+    for extra in (["--move", "-0.2,0.1", "--turn", -30, "--zoom", 1.2], ["--still"]):
+        r = run("wan-run", tiny_dir, "--image", ref_png, "--frames", 5, "--steps", 1, *extra,
+                "-o", tmp_path / f"m{len(extra)}.mp4")
+        assert r.returncode == 0, r.stderr
+        assert "drawn from the seed" not in r.stdout
+    assert "--move -0.200,0.100 --bend 0.000 --turn -30.0 --zoom 1.200" in run(
+        "wan-run", tiny_dir, "--image", ref_png, "--frames", 5, "--steps", 1, "--move", "-0.2,0.1",
+        "--turn", -30, "--zoom", 1.2, "--overwrite", "-o", tmp_path / "m6.mp4").stdout
     # other formats, another size, the Euler solver, and the same seed twice
     gif, pngs, again = tmp_path / "clip.gif", tmp_path / "frames", tmp_path / "again"
     for target in (gif, pngs, again):
@@ -93,6 +103,12 @@ BAD = {
     "bad solver": (["--solver", "rk4"], ["rk4"]),
     "bad precision": (["--precision", "int8"], ["int8", "not built"]),
     "bad output format": (["-o", "{tmp}/out.avi"], ["out.avi", "unsupported format"]),
+    "move not two numbers": (["--move", "0.3"], ["move '0.3'", "DX,DY"]),
+    "move too far": (["--move", "0.4,-0.4"], ["move 0.4,-0.4", "at most 0.5"]),
+    "turn out of range": (["--turn", 120], ["turn 120", "-90 to 90"]),
+    "zoom out of range": (["--zoom", 3], ["zoom 3", "0.667 to 1.5"]),
+    "bend without move": (["--bend", 0.1], ["bend 0.1", "needs a move"]),
+    "still and a move": (["--still", "--move", "0.2,0"], ["--still", "not allowed"]),
 }
 
 

@@ -88,11 +88,38 @@ def test_dit_shapes_and_conditioning(attention):
     _, dit = build_models(cfg)
     x, ref = torch.randn(2, 4, 3, 4, 6), torch.randn(2, 4, 1, 4, 6)
     t = torch.tensor([900.0, 10.0])
+    still = torch.eye(2, 3).expand(2, 3, 2, 3)
+    moved = still.clone()
+    moved[:, 1:, 0, 2] = 1.0  # frames 1, 2: the reference one token to the right
     with torch.no_grad():
-        v = dit(x, t, ref)
+        v = dit(x, t, ref, moved)
         assert v.shape == x.shape
-        assert not torch.allclose(v, dit(x, t, torch.zeros_like(ref)))  # the reference matters
-        assert not torch.allclose(v, dit(x, t.flip(0), ref))  # the timestep matters
+        assert not torch.allclose(v, dit(x, t, torch.zeros_like(ref), moved))  # the reference matters
+        assert not torch.allclose(v, dit(x, t.flip(0), ref, moved))  # the timestep matters
+        v_still = dit(x, t, ref, still)
+        assert not torch.allclose(v, v_still)  # the motion matters
+
+
+def test_identity_motion_keeps_every_reference_key_at_its_own_position():
+    """With identity maps the reference keys get the RoPE of their own (0, h, w) in every frame,
+    so a still subject is the plain reference cross-attention; a translation by (dx, dy) tokens
+    gives each key the angles of the position it moved to."""
+    from export.dit import reference_rope
+    from export.rope import rope_tables
+
+    cfg = tiny_config().dit
+    grid = (3, 4, 6)
+    own = rope_tables((1, 4, 6), cfg.head_dim, cfg.rope_theta)
+    cos, sin = reference_rope(torch.eye(2, 3).expand(2, 3, 2, 3), grid, cfg.head_dim, cfg.rope_theta)
+    assert cos.shape == (2 * 3, 24, cfg.head_dim // 2)
+    torch.testing.assert_close(cos, own[0].expand_as(cos))
+    torch.testing.assert_close(sin, own[1].expand_as(sin))
+    shifted = torch.eye(2, 3).repeat(1, 3, 1, 1)
+    shifted[0, 2, :, 2] = torch.tensor([2.0, 1.0])  # frame 2: two tokens right, one down
+    cos, _ = reference_rope(shifted, grid, cfg.head_dim, cfg.rope_theta)
+    big = rope_tables((1, 8, 10), cfg.head_dim, cfg.rope_theta)[0].view(8, 10, -1)
+    torch.testing.assert_close(cos[2].view(4, 6, -1), big[1:5, 2:8])
+    torch.testing.assert_close(cos[1], own[0])
 
 
 def test_seeded_init_is_deterministic():

@@ -26,7 +26,9 @@ def test_end_to_end_psnr(exported, attention, solver, rescale, reference_image):
 
     got = pipe(reference_image, frames=9, height=64, width=64, steps=6, solver=solver,
                guidance_rescale=rescale, noise=noise)
-    want_video = ReferencePipeline(vae, dit).generate(reference_image, noise, 6, req.guidance,
+    maps, _ = pipe.motion_maps(reference_image, req)  # the seed's random motion, as pipe() draws it
+    assert not np.allclose(maps[1:], np.eye(2, 3))  # it moves
+    want_video = ReferencePipeline(vae, dit).generate(reference_image, maps, noise, 6, req.guidance,
                                                       req.shift, solver, rescale)
     from export.pipeline import to_uint8
 
@@ -55,9 +57,11 @@ def test_stages_at_other_sizes(tiny_dir, frames, height, width):
         x = np.concatenate([lat, lat * 0.5]).astype(np.float32)
         t = np.array([900.0, 100.0], np.float32)
         ref = np.repeat(lat[:, :, :1], 2, axis=0)
-        v_ref = dit(*(torch.from_numpy(a) for a in (x, t, ref))).numpy()
+        motion = np.tile(np.eye(2, 3, dtype=np.float32), (2, lat.shape[2], 1, 1))  # (2, F, 2, 3)
+        motion[0, :, :, 2] = np.linspace(0, 1.5, lat.shape[2])[:, None]  # item 0 moves down-right
+        v_ref = dit(*(torch.from_numpy(a) for a in (x, t, ref, motion))).numpy()
         for dit_graph in (pipe.stages["dit"], portable_dit):
-            v = dit_graph(latent=x, timestep=t, ref_latent=ref)["velocity"]
+            v = dit_graph(latent=x, timestep=t, ref_latent=ref, motion=motion)["velocity"]
             np.testing.assert_allclose(v, v_ref, atol=1e-4)
 
         out_ref = VAEDecoderStage(vae)(torch.from_numpy(lat)).numpy()

@@ -149,17 +149,21 @@ def test_dit_is_given_the_clean_reference_as_frame_0():
     and scores frames 1.. only: a wild frame-0 output costs nothing."""
     gen = torch.Generator().manual_seed(0)
     x0, ref = torch.randn(4, 3, 3, 4, 4), torch.randn(4, 3, 1, 4, 4)
+    motion = torch.randn(4, 3, 2, 3)
+    still = torch.eye(2, 3).expand(4, 3, 2, 3)
     seen = {}
 
-    def dit(x, t, context):
-        seen.update(x=x, context=context)
+    def dit(x, t, context, maps):
+        seen.update(x=x, context=context, maps=maps)
         out = torch.zeros_like(x)
         out[:, :, 0] = 1e3
         return out
 
-    for p_uncond, given in ((0.0, ref), (1.0, torch.zeros_like(ref))):
-        loss = flow_matching_loss(dit, x0, ref, 5.0, p_uncond, gen)
+    cases = ((0.0, 0.0, ref, motion), (1.0, 0.0, torch.zeros_like(ref), still), (0.0, 1.0, ref, still))
+    for p_uncond, p_no_motion, given, maps in cases:
+        loss = flow_matching_loss(dit, x0, ref, motion, 5.0, p_uncond, gen, p_no_motion)
         assert torch.equal(seen["x"][:, :, :1], given) and torch.equal(seen["context"], given)
+        assert torch.equal(seen["maps"], maps)  # dropped: the identity motion (nothing moves)
         assert not torch.equal(seen["x"][:, :, 1:], x0[:, :, 1:])  # the rest is noised
         assert float(loss) < 10.0  # E[(noise - x0)^2] = 2 on frames 1..; frame 0 would add 1e6
 
