@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from export.config import DiTConfig
-from export.kernels import TORCH, Kernels, rotary
+from export.kernels import TORCH, Kernels
 from export.rope import rope_at, rope_tables
 
 
@@ -114,9 +114,7 @@ class Attention(nn.Module):
         Lr = k.shape[1]
         k = self.norm_k(k)[:, None].expand(B, T, Lr, D).reshape(B * T, Lr, D)  # a copy per frame
         v = v[:, None].expand(B, T, Lr, D).reshape(B * T, Lr, D)
-        # Plain ops, not kernels.rotary: ONNX Runtime's RotaryEmbedding shares one table across
-        # the batch, and these tables differ per (batch item, frame). Lr is small.
-        k = rotary(k, *rope_k, self.heads)
+        k = self.kernels.rotary_each(k, *rope_k, self.heads)  # a table per (batch item, frame)
         out = self.kernels.attention(group(q, "spatial", grid), k, v, self.heads)  # (B*T, H*W, D)
         return self.to_out[0](ungroup(out, "spatial", grid))
 

@@ -7,20 +7,24 @@
                                  softmax(q k^T / sqrt(d)) v for each of `heads` heads
     rotary(x, cos, sin, heads)   (B, L, D) -> (B, L, D): each head's channel pairs rotated by
                                  the per-token angles of a (L, d/2) table (export/rope.py)
+    rotary_each(x, cos, sin, heads)   the same with a (B, L, d/2) table: angles of their own
+                                 for every batch item (the reference keys, placed per frame)
 
 TORCH is plain PyTorch. The model trains with it, and the portable graphs are exported from it:
 MatMul/Softmax/elementwise ops that every ONNX runtime and TensorRT read.
 
-ONNX_RUNTIME runs the very same functions in PyTorch, wrapped as the custom ops `wan::attention`
-and `wan::rotary`, which the exporter writes as ONNX Runtime's contrib ops
-com.microsoft.MultiHeadAttention and com.microsoft.RotaryEmbedding (`small`'s DiT: 553 nodes
-instead of 1,152). Such a graph runs only in ONNX Runtime, so it is an extra graph next to the
-portable one (DESIGN: keep plain and ORT-only graphs apart). On the CPU it takes a third off
-a `small` DiT step (21.5 -> 14.2 ms), and without it int8 gains nothing (README, Performance).
+ONNX_RUNTIME runs the very same functions in PyTorch, wrapped as the custom ops `wan::attention`,
+`wan::rotary` and `wan::rotary_each`, which the exporter writes as ONNX Runtime's contrib ops
+com.microsoft.MultiHeadAttention and com.microsoft.RotaryEmbedding (`small`'s DiT: 615 nodes
+instead of 1,206). Such a graph runs only in ONNX Runtime, so it is an extra graph next to the
+portable one (DESIGN: keep plain and ORT-only graphs apart). On the CPU it takes ~40% off a
+`small` DiT step (26.8 -> 16.4 ms), and without it int8 gains nothing (README, Performance).
 
 RotaryEmbedding takes a cos/sin *cache* indexed by position ids; passing the (L, d/2) table of
 this grid as the cache with position ids 0..L-1 (`position_ids = [0]`: consecutive from 0)
-applies an arbitrary per-token rotation, which is what the 3D RoPE is.
+applies an arbitrary per-token rotation, which is what the 3D RoPE is. For `rotary_each` the
+(B, L, d/2) table is flattened into a (B*L, d/2) cache and the position ids are (B, L), item b's
+being b*L .. b*L+L-1: one fused op instead of a dozen elementwise ones.
 """
 
 from __future__ import annotations
@@ -48,9 +52,10 @@ class Kernels:
     name: str
     attention: Callable[..., torch.Tensor]
     rotary: Callable[..., torch.Tensor]
+    rotary_each: Callable[..., torch.Tensor]
 
 
-TORCH = Kernels("torch", attention, rotary)
+TORCH = Kernels("torch", attention, rotary, rotary)  # apply_rope takes either table shape
 
 
 # --- the ONNX Runtime lowering ----------------------------------------------------------------
@@ -75,7 +80,17 @@ def _(x, cos, sin, heads):
     return torch.empty_like(x)
 
 
-ONNX_RUNTIME = Kernels("onnxruntime", _attention_op, _rotary_op)
+@torch.library.custom_op("wan::rotary_each", mutates_args=())
+def _rotary_each_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
+    return rotary(x, cos, sin, heads)
+
+
+@_rotary_each_op.register_fake
+def _(x, cos, sin, heads):
+    return torch.empty_like(x)
+
+
+ONNX_RUNTIME = Kernels("onnxruntime", _attention_op, _rotary_op, _rotary_each_op)
 
 CONTRIB_DOMAIN = "com.microsoft"
 CONTRIB_OPS = ("MultiHeadAttention", "RotaryEmbedding")
@@ -120,4 +135,14 @@ def onnx_runtime_translations() -> dict:
         # Pairs (2i, 2i+1) rotate together ("interleaved"), as in apply_rope.
         return rope(x, op.Constant(value_ints=[0]), cos, sin, interleaved=1, num_heads=heads)
 
-    return {torch.ops.wan.attention.default: attention_onnx, torch.ops.wan.rotary.default: rotary_onnx}
+    def rotary_each_onnx(x, cos, sin, heads: int):
+        rows = op.Shape(cos, start=0, end=2)  # [B, L]
+        half = op.Shape(cos, start=2)  # [d/2]
+        cache_shape = op.Concat(op.Constant(value_ints=[-1]), half, axis=0)
+        count = op.ReduceProd(rows, keepdims=0)  # B*L, a scalar
+        ids = op.Reshape(op.Range(op.Constant(value_int=0), count, op.Constant(value_int=1)), rows)
+        return rope(x, ids, op.Reshape(cos, cache_shape), op.Reshape(sin, cache_shape), interleaved=1,
+                    num_heads=heads)
+
+    return {torch.ops.wan.attention.default: attention_onnx, torch.ops.wan.rotary.default: rotary_onnx,
+            torch.ops.wan.rotary_each.default: rotary_each_onnx}

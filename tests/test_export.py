@@ -10,6 +10,7 @@ import pytest
 
 from export import build as build_mod
 from export.build import build_artifacts
+from export.config import PRESETS
 from runtime.errors import WanError
 from runtime.manifest import load_manifest, sha256_file
 from runtime.stages import STAGE_NAMES, STREAM_STAGE_NAMES
@@ -46,10 +47,14 @@ def test_dit_has_an_onnx_runtime_graph(tiny_dir):
     assert art.ort_graph["path"] == "onnx/fp32/dit.ort.onnx" and art.path == "onnx/fp32/dit.onnx"
     v = art.ort_graph["validation"]
     assert v["passed"] and v["max_rel"] <= v["tolerance"] == 1e-4
-    ops = {f"{n.domain}.{n.op_type}" for n in onnx.load(str(tiny_dir / art.ort_graph["path"]),
-                                                        load_external_data=False).graph.node}
+    nodes = onnx.load(str(tiny_dir / art.ort_graph["path"]), load_external_data=False).graph.node
+    ops = {f"{n.domain}.{n.op_type}" for n in nodes}
     assert set(art.ort_graph["ops"]) == {"com.microsoft.MultiHeadAttention",
                                          "com.microsoft.RotaryEmbedding"} <= ops
+    # every rotation fused, the per-frame reference keys' too: per factorized block the spatial
+    # and temporal q and k, the cross-attention's q and its keys
+    rotations = sum(n.op_type == "RotaryEmbedding" for n in nodes)
+    assert rotations == 6 * PRESETS["tiny"].dit.num_layers
     portable = {f"{n.domain}.{n.op_type}" for n in onnx.load(str(tiny_dir / art.path),
                                                              load_external_data=False).graph.node}
     assert not any(op.startswith("com.microsoft") for op in portable)  # TensorRT reads this one
