@@ -70,27 +70,22 @@ def _(q, k, v, heads):
     return q.new_empty(q.shape[:2] + v.shape[2:])
 
 
-@torch.library.custom_op("wan::rotary", mutates_args=())
-def _rotary_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
-    return rotary(x, cos, sin, heads)
+def _rotary_custom_op(name: str):
+    """`rotary` as the custom op wan::<name>: the same PyTorch function, one ONNX lowering per
+    name (the shared-table and the per-item rotation lower differently)."""
+    @torch.library.custom_op(f"wan::{name}", mutates_args=())
+    def op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
+        return rotary(x, cos, sin, heads)
+
+    @op.register_fake
+    def _(x, cos, sin, heads):
+        return torch.empty_like(x)
+
+    return op
 
 
-@_rotary_op.register_fake
-def _(x, cos, sin, heads):
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("wan::rotary_each", mutates_args=())
-def _rotary_each_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
-    return rotary(x, cos, sin, heads)
-
-
-@_rotary_each_op.register_fake
-def _(x, cos, sin, heads):
-    return torch.empty_like(x)
-
-
-ONNX_RUNTIME = Kernels("onnxruntime", _attention_op, _rotary_op, _rotary_each_op)
+ONNX_RUNTIME = Kernels("onnxruntime", _attention_op, _rotary_custom_op("rotary"),
+                       _rotary_custom_op("rotary_each"))
 
 CONTRIB_DOMAIN = "com.microsoft"
 CONTRIB_OPS = ("MultiHeadAttention", "RotaryEmbedding")

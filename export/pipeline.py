@@ -114,21 +114,21 @@ class ReferencePipeline:
         return v if rescale == 0.0 else rescale_frames(v, v_c, x, sigma, rescale)
 
     @torch.no_grad()
-    def sample(self, image: np.ndarray, motion: np.ndarray, noise: np.ndarray, steps: int, guidance: float,
+    def sample(self, image: np.ndarray, maps: np.ndarray, noise: np.ndarray, steps: int, guidance: float,
                shift: float, solver: str, guidance_rescale: float, start: torch.Tensor | None = None,
                start_sigma: float = 1.0) -> torch.Tensor:
-        """image uint8 (H, W, 3), motion (F, 2, 3) maps (runtime/motion.py), noise (1, C, F, h, w)
+        """image uint8 (H, W, 3), maps (F, 2, 3) (runtime/motion.py `motion_maps`), noise (1, C, F, h, w)
         -> clean latent (1, C, F, h, w).
 
         For measurement only (export/quality.py; wan-run always starts from noise): with a
         latent `start`, sampling begins at the first scheduled sigma s <= `start_sigma` from
         (1 - s) start + s noise and runs the remaining steps."""
         ref_latent = self.vae.encode(to_unit(image[None]))  # (1, C, 1, h, w)
-        maps = torch.from_numpy(np.asarray(motion, np.float32))[None]  # (1, F, 2, 3)
-        refs, motions = ref_latent, maps
+        motions = torch.from_numpy(np.asarray(maps, np.float32))[None]  # (1, F, 2, 3)
+        refs = ref_latent
         if guidance != 1.0:  # the null condition: no reference, nothing moves
             refs = torch.cat([ref_latent, torch.zeros_like(ref_latent)])
-            motions = torch.cat([maps, torch.from_numpy(identity_maps(maps.shape[1]))[None]])
+            motions = torch.cat([motions, torch.from_numpy(identity_maps(motions.shape[1]))[None]])
         sigmas = flow_sigmas(steps, shift)
         first = int((sigmas > start_sigma).sum()) if start is not None else 0
         x = torch.from_numpy(noise).float()
@@ -144,9 +144,9 @@ class ReferencePipeline:
         return x
 
     @torch.no_grad()
-    def generate(self, image: np.ndarray, motion: np.ndarray, noise: np.ndarray, steps: int, guidance: float,
+    def generate(self, image: np.ndarray, maps: np.ndarray, noise: np.ndarray, steps: int, guidance: float,
                  shift: float, solver: str, guidance_rescale: float, start: torch.Tensor | None = None,
                  start_sigma: float = 1.0) -> torch.Tensor:
         """`sample`, then decode: video (1, 3, T, H, W) in [-1, 1]."""
-        return self.vae.decode(self.sample(image, motion, noise, steps, guidance, shift, solver,
+        return self.vae.decode(self.sample(image, maps, noise, steps, guidance, shift, solver,
                                            guidance_rescale, start, start_sigma))

@@ -106,9 +106,7 @@ def main(artifacts, image, output, frames, height, width, steps, guidance, guida
     from runtime.pipeline import Pipeline, Timings
 
     check_output(output, overwrite)  # fail on a bad output name before any slow work
-    motion = motion_from_options(move, bend, turn, zoom, still)
-    if motion is not None:
-        motion.check()
+    motion = motion_from_options(move, bend, turn, zoom, still)  # checked by check_request
     if threads is not None and threads < 1:
         raise WanError(f"threads {threads} is not allowed: use a whole number >= 1")
     if fps is not None and fps < 1:
@@ -118,7 +116,7 @@ def main(artifacts, image, output, frames, height, width, steps, guidance, guida
     req = pipe.check_request(frames, height, width, steps, guidance, shift, solver, seed, guidance_rescale,
                              motion)
     ref = load_image(image, req.height, req.width)
-    used = pipe.motion_maps(ref, req)[1]  # the motion given, or the one the seed draws
+    maps, used = pipe.motion_maps(ref, req)  # the motion given, or the one the seed draws
 
     bar = None
     if not quiet:
@@ -130,7 +128,7 @@ def main(artifacts, image, output, frames, height, width, steps, guidance, guida
         # Frames go to the writer as the streaming decoder makes them (written atomically:
         # the output appears only once complete).
         chunks = pipe.generate_chunks(ref, req, timings,
-                                      on_step=(lambda i, s: bar.update(1)) if bar else None)
+                                      on_step=(lambda i, s: bar.update(1)) if bar else None, maps=maps)
         path = write_video(chunks, output, fps=fps or pipe.manifest.sampler["fps"], overwrite=overwrite)
     finally:
         if bar is not None:

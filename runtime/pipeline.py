@@ -268,15 +268,18 @@ class Pipeline:
             raise WanError(f"reference image array has {image.dtype} {image.shape}; expected "
                            f"uint8 ({req.height}, {req.width}, 3)")
         timings = Timings()
-        frames_out = np.concatenate(list(self.generate_chunks(image, req, timings, noise, on_step)))
-        return Generation(frames_out, timings, req, self.motion_maps(image, req)[1])
+        maps, motion = self.motion_maps(image, req)
+        frames_out = np.concatenate(list(self.generate_chunks(image, req, timings, noise, on_step, maps)))
+        return Generation(frames_out, timings, req, motion)
 
     def generate_chunks(self, image: np.ndarray, req: Request, timings: Timings,
                         noise: np.ndarray | None = None,
-                        on_step: Callable[[int, float], None] | None = None) -> Iterator[np.ndarray]:
+                        on_step: Callable[[int, float], None] | None = None,
+                        maps: np.ndarray | None = None) -> Iterator[np.ndarray]:
         """Like `generate` for a checked request and a prepared image, but yields uint8 frame
         chunks (n, H, W, 3) as the decoder makes them, so a writer can consume them at once.
-        `timings` is filled in as it goes (`total` once the last chunk is out)."""
+        `timings` is filled in as it goes (`total` once the last chunk is out). `maps`: from
+        `motion_maps`, for a caller that already has them (found here otherwise)."""
         t_start = time.perf_counter()
         ref_latent = self.encode_reference(image)
         timings.encode = time.perf_counter() - t_start
@@ -287,7 +290,8 @@ class Pipeline:
             if on_step is not None:
                 on_step(i, seconds)
 
-        latent = self.denoise(ref_latent, self.motion_maps(image, req)[0], noise, req, record)
+        maps = self.motion_maps(image, req)[0] if maps is None else maps
+        latent = self.denoise(ref_latent, maps, noise, req, record)
         consumer = 0.0  # time spent outside this generator, by whoever takes the chunks
         chunks = self.decode_stream(latent) if self.can_stream else iter([self.decode_video(latent)])
         t0 = time.perf_counter()
