@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import click
 
 from runtime.errors import WanError, run_cli
+from runtime.manifest import MANIFEST_NAME, sha256_file
 
 EXAMPLES = """
 \b
@@ -56,7 +58,8 @@ errors go into manifest.json, and a stage over its tolerance fails the build.
               help="TensorRT-RTX target GPU architectures (repeatable), e.g. SM86 SM89.")
 @click.option("--timing-cache", type=click.Path(path_type=str),
               help="TensorRT timing cache to load and update (default: one inside the artifacts).")
-@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--force", is_flag=True, help="Replace an existing artifact directory (only one written by "
+              "wan-export and holding nothing else; only after the new build has succeeded).")
 @click.option("--debug", is_flag=True, help="Tracebacks and the exporter's own logging.")
 def main(preset, config_path, checkpoint, out, attention, opset, precision_list, int8_float_layers,
          tensorrt, trt_flavour, min_shape, opt_shape, max_shape, builder_optimization_level,
@@ -85,6 +88,8 @@ def main(preset, config_path, checkpoint, out, attention, opset, precision_list,
     size = sum(f["size"] for f in manifest.files.values()) / 1e6
     click.echo(f"wrote {out}: {cfg.name} ({cfg.dit.attention} attention, {manifest.weights['source']} "
                f"weights), {len(manifest.stages)} stages at {', '.join(manifest.precisions())}, {size:.1f} MB")
+    # For deployments that pin the artifacts: wan-run --expect-manifest SHA256.
+    click.echo(f"  manifest sha256 {sha256_file(Path(out) / MANIFEST_NAME)}")
     for p, q in manifest.quality.items():
         stages = ", ".join(f"{n} {e:.1e}" for n, e in q["stage_max_rel"].items())
         click.echo(f"  {p}: {q['psnr_db']:.1f} dB vs fp32 (bar {q['bar_db']:g}), VAE {q['vae']}; "
@@ -98,8 +103,6 @@ def main(preset, config_path, checkpoint, out, attention, opset, precision_list,
 
 def engine_options(cfg, min_shape, opt_shape, max_shape, flavour, level, targets, timing_cache):
     """Engine profile shapes from the flags, defaulting around the preset's video."""
-    from pathlib import Path
-
     from engines.tensorrt import EngineOptions, VideoShape
 
     v = cfg.video

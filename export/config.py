@@ -15,12 +15,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from runtime.errors import WanError
+from runtime.files import regular_file
+from runtime.media import check_fps
+from runtime.request import check_sampler
 from runtime.stages import Geometry, SymbolRange
+
+# Sanity caps on a config's sizes (Wan2.2-A14B is dim 5120, 40 layers): far beyond them is a typo,
+# and even counting the parameters of such a model would take long.
+MAX_WIDTH = 65536
+MAX_LAYERS = 1024
 
 
 @dataclass(frozen=True)
@@ -117,31 +128,60 @@ class ModelConfig:
         }
 
     def validate(self) -> "ModelConfig":
-        """Raise WanError for a config the model or the graphs cannot support."""
+        """Raise WanError for a config the model or the graphs cannot support: every range and
+        divisibility the modules and the runtime rely on, so nothing fails halfway through a build
+        (the memory a config needs is checked by export/weights.py, which can count parameters)."""
         v, d, g = self.vae, self.dit, self.geometry
         checks = [
+            (1 <= v.base_dim <= MAX_WIDTH, f"vae.base_dim {v.base_dim} must be from 1 to {MAX_WIDTH}"),
+            (1 <= v.z_dim <= 1024, f"vae.z_dim {v.z_dim} must be from 1 to 1024"),
+            (2 <= len(v.dim_mult) <= 6 and all(1 <= m <= 64 for m in v.dim_mult),
+             f"vae.dim_mult {list(v.dim_mult)} must list 2 to 6 multipliers from 1 to 64"),
+            (1 <= v.num_res_blocks <= 16, f"vae.num_res_blocks {v.num_res_blocks} must be from 1 to 16"),
             (len(v.temporal_downsample) == len(v.dim_mult) - 1,
              f"vae.temporal_downsample needs {len(v.dim_mult) - 1} entries (one per downsample)"),
-            (d.dim % d.num_heads == 0, f"dit.dim {d.dim} is not divisible by num_heads {d.num_heads}"),
-            (d.head_dim % 2 == 0 and d.head_dim >= 6,
-             f"dit head dim {d.head_dim} must be even and >= 6 (3D RoPE splits it)"),
-            (d.patch_size[0] == 1, f"dit.patch_size {d.patch_size}: the temporal patch must be 1"),
+            (0 < v.eps < 1 and 0 < d.eps < 1, "vae.eps and dit.eps must be between 0 and 1"),
+            (1 <= d.dim <= MAX_WIDTH, f"dit.dim {d.dim} must be from 1 to {MAX_WIDTH}"),
+            (1 <= d.ffn_dim <= 4 * MAX_WIDTH, f"dit.ffn_dim {d.ffn_dim} must be from 1 to {4 * MAX_WIDTH}"),
+            (1 <= d.num_heads <= d.dim, f"dit.num_heads {d.num_heads} must be from 1 to dit.dim"),
+            (1 <= d.num_layers <= MAX_LAYERS, f"dit.num_layers {d.num_layers} must be from 1 to {MAX_LAYERS}"),
+            (d.num_heads >= 1 and d.dim % d.num_heads == 0,
+             f"dit.dim {d.dim} is not divisible by num_heads {d.num_heads}"),
+            (d.num_heads >= 1 and d.head_dim % 2 == 0 and d.head_dim >= 6,
+             f"dit head dim {d.head_dim if d.num_heads else '?'} must be even and >= 6 (3D RoPE splits it)"),
+            (d.patch_size[0] == 1, f"dit.patch_size {list(d.patch_size)}: the temporal patch must be 1"),
+            (all(1 <= p <= 8 for p in d.patch_size),
+             f"dit.patch_size {list(d.patch_size)} entries must be from 1 to 8"),
+            (2 <= d.freq_dim <= MAX_WIDTH and d.freq_dim % 2 == 0,
+             f"dit.freq_dim {d.freq_dim} must be even, from 2 to {MAX_WIDTH}"),
+            (d.rope_theta > 1 and math.isfinite(d.rope_theta), f"dit.rope_theta {d.rope_theta} must be > 1"),
             (d.attention in ("factorized", "full"),
              f"dit.attention {d.attention!r} must be 'factorized' or 'full'"),
-            (0 <= self.sampler.guidance_rescale <= 1,
-             f"sampler.guidance_rescale {self.sampler.guidance_rescale} must be from 0 to 1"),
-            (self.sampler.solver in ("euler", "dpm++2m"),
-             f"sampler.solver {self.sampler.solver!r} must be 'euler' or 'dpm++2m'"),
+            (self.seed >= 0, f"seed {self.seed} must be >= 0"),
         ]
+        for ok, message in checks:
+            if not ok:
+                raise WanError(f"config {self.name!r}: {message}")
+        # The sampler defaults go through the runtime's own checks: an artifact must never
+        # carry defaults that wan-run then refuses.
+        s = self.sampler
+        try:
+            check_sampler(s.steps, s.guidance, s.guidance_rescale, s.shift, s.solver)
+            check_fps(s.fps, "mp4")
+        except WanError as exc:
+            raise WanError(f"config {self.name!r}: sampler {exc}") from None
         ph, pw = g.pixels_per_token
         vid = self.video
+        checks = []
         for name, size, mult in (("height", vid.height, ph), ("width", vid.width, pw),
                                  ("max_height", vid.max_height, ph), ("max_width", vid.max_width, pw)):
             checks.append((size % mult == 0 and size > 0,
                            f"video.{name} {size} must be a positive multiple of {mult}"))
         for name, frames in (("frames", vid.frames), ("max_frames", vid.max_frames)):
-            checks.append((g.frames_to_latent(frames) is not None,
+            checks.append((frames >= 1 and g.frames_to_latent(frames) is not None,
                            f"video.{name} {frames} must be {g.temporal_stride}n+1"))
+        checks += [(vid.frames <= vid.max_frames and vid.height <= vid.max_height and vid.width <= vid.max_width,
+                    "the default video must fit within video.max_frames/max_height/max_width")]
         for ok, message in checks:
             if not ok:
                 raise WanError(f"config {self.name!r}: {message}")
@@ -156,23 +196,47 @@ class ModelConfig:
 
 
 def _from_dict(cls, data: dict[str, Any], where: str):
-    """Build a (nested) frozen dataclass; unknown keys are errors, missing keys take defaults."""
+    """Build a (nested) frozen dataclass; unknown keys and values of the wrong type are errors,
+    missing keys take defaults."""
     if not isinstance(data, dict):
         raise WanError(f"{where} must be a JSON object, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise WanError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
-        default = getattr(cls(), key) if key in fields else None
-        if dataclasses.is_dataclass(default):
-            kwargs[key] = _from_dict(type(default), value, f"{where}.{key}")
-        elif isinstance(default, tuple):
-            kwargs[key] = tuple(value)
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _from_dict(hint, value, f"{where}.{key}")
         else:
-            kwargs[key] = value
+            kwargs[key] = _typed(value, hint, f"{where}.{key}")
     return cls(**kwargs)
+
+
+def _typed(value, hint, where: str):
+    """`value` as the field type `hint` (int, float, str, bool, tuple[...], X | None), or a
+    one-line WanError: a config is user input ("dim": "big" must not become a traceback)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _typed(value, next(a for a in args if a is not type(None)), where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise WanError(f"{where} must be a list, got {json.dumps(value)}")
+        kinds = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(kinds) != len(value):
+            raise WanError(f"{where} must have {len(kinds)} entries, got {json.dumps(value)}")
+        return tuple(_typed(v, k, f"{where}[{i}]") for i, (v, k) in enumerate(zip(value, kinds)))
+    names = {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}
+    ok = {int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+          str: isinstance(value, str), bool: isinstance(value, bool)}[hint]
+    if not ok:
+        raise WanError(f"{where} must be {names[hint]}, got {json.dumps(value)}")
+    return float(value) if hint is float else value
 
 
 PRESETS: dict[str, ModelConfig] = {
@@ -220,14 +284,14 @@ def get_preset(name: str) -> ModelConfig:
 
 def load_config(path: str | Path) -> ModelConfig:
     """Read a config JSON: either a full config or {"preset": name, ...overrides}."""
-    path = Path(path)
+    path = regular_file(path, "config file")
     try:
         data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise WanError(f"config file '{path}' does not exist")
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise WanError(f"config file '{path}' is not valid JSON: {exc}")
     if isinstance(data, dict) and "preset" in data:
+        if not isinstance(data["preset"], str):
+            raise WanError(f"config file '{path}': preset must be a preset name, got {data['preset']!r}")
         base = get_preset(data.pop("preset")).to_dict()
         data = _merge(base, data)
     return ModelConfig.from_dict(data)

@@ -18,6 +18,7 @@ from export.config import ModelConfig
 from export.dit import WanDiT
 from export.vae import WanVAE
 from runtime.errors import WanError
+from runtime.files import regular_file
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,44 @@ def init_weights(vae: WanVAE, dit: WanDiT, seed: int) -> None:
 
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+# What an export holds at its peak, in fp32 copies of the weights: the modules, the DiT again
+# with fused kernels, the exporter's program, the ONNX model and the session validating it.
+# An estimate for refusing hopeless configs up front, not a measurement.
+EXPORT_COPIES = 5
+
+
+def parameter_count(cfg: ModelConfig) -> int:
+    """Parameters of the VAE and DiT, counted on the meta device (nothing is allocated)."""
+    with torch.device("meta"):
+        vae, dit = WanVAE(cfg.vae), WanDiT(cfg.dit, cfg.vae.z_dim)
+    return sum(p.numel() for m in (vae, dit) for p in m.parameters())
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still allocate: MemAvailable, or a cgroup limit if lower."""
+    limits = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                limits.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    try:
+        text = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if text != "max":
+            limits.append(int(text))
+    except (OSError, ValueError):
+        pass
+    return min(limits) if limits else None
+
+
+def check_memory(cfg: ModelConfig) -> None:
+    """Refuse a config whose export would not fit in memory, before building anything."""
+    params = parameter_count(cfg)
+    need, have = EXPORT_COPIES * 4 * params, available_memory()
+    if have is not None and need > have:
+        raise WanError(f"config {cfg.name!r} has {params / 1e6:,.0f}M parameters: exporting it needs "
+                       f"about {need / 2**30:.1f} GiB, and {have / 2**30:.1f} GiB is available here")
 
 
 def default_checkpoint(cfg: ModelConfig) -> Path | None:
@@ -50,6 +89,7 @@ def build_models(cfg: ModelConfig, checkpoint: str | Path | None = None) -> tupl
     weights, else seeded from `cfg.seed`."""
     if cfg.shape_only:
         raise WanError(f"preset {cfg.name!r} is for analytic projections only and is never built")
+    check_memory(cfg)
     vae = WanVAE(cfg.vae).eval()
     dit = WanDiT(cfg.dit, cfg.vae.z_dim).eval()
     if checkpoint is None and cfg.weights:
@@ -69,9 +109,7 @@ def load_checkpoint(path: str | Path, vae: WanVAE, dit: WanDiT) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(path)
-    if not path.is_file():
-        raise WanError(f"checkpoint '{path}' does not exist")
+    path = regular_file(path, "checkpoint")
     if path.suffix != ".safetensors":
         raise WanError(f"checkpoint '{path}' is not a .safetensors file; only safetensors "
                        "weights are loaded (pickle files can run code)")

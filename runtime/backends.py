@@ -1,7 +1,10 @@
 """Running a stage graph: ONNX Runtime sessions fed by name with explicit dtypes.
 
-A `StageSession` holds one stage's spec and session; calling it checks the inputs against the
-spec (a wrong shape is a bug upstream, reported with names rather than an ORT stack trace).
+A `StageSession` holds one stage's spec and session. At load the graph's inputs and outputs
+are checked against the spec (a graph swapped for another is refused then, not at its first
+call); each call checks the inputs against the spec (a wrong shape is a bug upstream, reported
+with names rather than an ORT stack trace) and the outputs for NaN/Inf, once per call, so a
+diverging stage stops the run in one line instead of writing a garbage video.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from runtime.errors import WanError
+from runtime.errors import NonFiniteError, WanError, is_out_of_memory
 from runtime.manifest import Manifest
+from runtime.request import check_threads
 from runtime.stages import StageSpec
 
 log = logging.getLogger(__name__)
@@ -31,16 +35,48 @@ def available_providers() -> list[str]:
     return [p for p in wanted if p in have]
 
 
+def check_finite(stage: str, outputs: dict, xp=np) -> dict:
+    """`outputs` unchanged if every value is finite, else a NonFiniteError naming the stage."""
+    for name, value in outputs.items():
+        if not bool(xp.isfinite(value).all()):
+            raise NonFiniteError(f"stage {stage} produced NaN or Inf in its output '{name}'")
+    return outputs
+
+
+def out_of_memory(stage: str, inputs: dict) -> WanError:
+    name, first = next(iter(inputs.items()))
+    more = f" and {len(inputs) - 1} more inputs" if len(inputs) > 1 else ""
+    return WanError(f"out of memory running stage {stage} ({name} {tuple(first.shape)}{more}); nothing "
+                    "was written: ask for fewer frames or a smaller size")
+
+
+def _ort_dtype(text: str) -> str:
+    """ONNX Runtime's 'tensor(float)' -> numpy's 'float32'."""
+    name = text.removeprefix("tensor(").removesuffix(")")
+    return {"float": "float32", "double": "float64"}.get(name, name)
+
+
 @dataclass
 class StageSession:
     spec: StageSpec
     session: ort.InferenceSession
     path: Path  # the graph it runs
 
+    def __post_init__(self):
+        io = [[(a.name, _ort_dtype(a.type), a.shape) for a in args]
+              for args in (self.session.get_inputs(), self.session.get_outputs())]
+        self.spec.check_graph(*io, where=str(self.path))
+
     def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         self.spec.bind(inputs)
         names = [t.name for t in self.spec.outputs]
-        return dict(zip(names, self.session.run(names, inputs)))
+        try:
+            values = self.session.run(names, inputs)
+        except Exception as exc:  # ONNX Runtime raises its own types
+            if is_out_of_memory(exc):
+                raise out_of_memory(self.spec.name, inputs) from None
+            raise
+        return check_finite(self.spec.name, dict(zip(names, values)))
 
 
 def open_stages(root: Path, manifest: Manifest, precision: str = "fp32",
@@ -51,11 +87,14 @@ def open_stages(root: Path, manifest: Manifest, precision: str = "fp32",
     if precision not in built:
         raise WanError(f"precision {precision!r} was not built in '{root}' (built: "
                        f"{', '.join(built) or 'none'}); rebuild with wan-export --precision {precision}")
+    threads = check_threads(threads)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3  # ORT warns about unused initializers etc. on every load
+    # ORT warns about unused initializers on every load, and logs a failed run (out of memory)
+    # in colour before raising it; the exception becomes the one line. --debug shows ORT's logs.
+    opts.log_severity_level = 0 if log.isEnabledFor(logging.DEBUG) else 4
     providers = available_providers()
 
     def load(path: Path) -> ort.InferenceSession:
@@ -71,10 +110,12 @@ def open_stages(root: Path, manifest: Manifest, precision: str = "fp32",
         if contrib_ops and art.ort_graph is not None:
             fused = root / art.ort_graph["path"]
             try:
-                sessions[name] = StageSession(stage.spec, load(fused), fused)
-                continue
+                session = load(fused)
             except WanError as exc:  # an ONNX Runtime build without these contrib ops
                 log.warning("%s; running the portable graph instead", exc)
+            else:
+                sessions[name] = StageSession(stage.spec, session, fused)
+                continue
         sessions[name] = StageSession(stage.spec, load(path), path)
     log.debug("opened %s stages with %s", precision, providers)
     return sessions

@@ -84,37 +84,42 @@ def motion_from_options(move, bend, turn, zoom, still):
 @click.option("--turn", type=float, help="Rotation over the clip in degrees, -90 to 90 (> 0: clockwise).")
 @click.option("--zoom", type=float, help="The subject's final scale, 0.667 to 1.5.")
 @click.option("--still", is_flag=True, help="Keep the subject in place.")
-@click.option("--fps", type=int, help="Frames per second of the written video.")
+@click.option("--fps", type=int, help="Frames per second of the written video (1-120; GIF 1-50).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32",
               show_default=True,
               help="Which built precision of the graphs to run.")
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
               show_default=True, help="onnxruntime (CPU, or CUDA with onnxruntime-gpu) or tensorrt "
               "(the .plan engines of wan-export --tensorrt; needs an NVIDIA GPU).")
-@click.option("--threads", type=int, help="CPU threads for ONNX Runtime (default: all cores).")
+@click.option("--threads", type=int, help="CPU threads for ONNX Runtime (default: all cores; at most "
+              "the CPUs this process may use).")
 @click.option("--verify", type=click.Choice(["auto", "full", "none"]), default="auto",
               show_default=True,
               help="File integrity check: auto re-hashes only files changed since last checked.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--expect-manifest", metavar="SHA256", help="Refuse the artifacts unless manifest.json "
+              "has this sha256 (wan-export prints it); every file is then re-hashed.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output: a video, or a folder "
+              "holding only frames (anything else is refused).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or timing table.")
 @click.option("--debug", is_flag=True, help="Tracebacks and debug logging.")
 def main(artifacts, image, output, frames, height, width, steps, guidance, guidance_rescale, shift,
-         solver, seed, move, bend, turn, zoom, still, fps, precision, backend, threads, verify, overwrite,
-         quiet, debug):
+         solver, seed, move, bend, turn, zoom, still, fps, precision, backend, threads, verify,
+         expect_manifest, overwrite, quiet, debug):
     """Generate a video that animates a reference image, from a wan-export artifact directory."""
-    from runtime.media import check_output, load_image, write_video
+    from runtime.files import regular_file
+    from runtime.media import check_fps, check_output, load_image, output_kind, write_video
     from runtime.pipeline import Pipeline, Timings
+    from runtime.request import check_threads
 
-    check_output(output, overwrite)  # fail on a bad output name before any slow work
+    check_output(output, overwrite, fps)  # fail on a bad output name before any slow work
     motion = motion_from_options(move, bend, turn, zoom, still)  # checked by check_request
-    if threads is not None and threads < 1:
-        raise WanError(f"threads {threads} is not allowed: use a whole number >= 1")
-    if fps is not None and fps < 1:
-        raise WanError(f"fps {fps} is not allowed: use a whole number >= 1")
+    check_threads(threads)
+    regular_file(image, "reference image")  # before the artifacts are loaded (a FIFO would hang)
     pipe = Pipeline.from_dir(artifacts, precision=precision, backend=backend, verify=verify,
-                             threads=threads)
+                             threads=threads, expect_manifest=expect_manifest)
     req = pipe.check_request(frames, height, width, steps, guidance, shift, solver, seed, guidance_rescale,
                              motion)
+    fps = check_fps(pipe.manifest.sampler["fps"] if fps is None else fps, output_kind(output))
     ref = load_image(image, req.height, req.width)
     maps, used = pipe.motion_maps(ref, req)  # the motion given, or the one the seed draws
 
@@ -129,7 +134,7 @@ def main(artifacts, image, output, frames, height, width, steps, guidance, guida
         # the output appears only once complete).
         chunks = pipe.generate_chunks(ref, req, timings,
                                       on_step=(lambda i, s: bar.update(1)) if bar else None, maps=maps)
-        path = write_video(chunks, output, fps=fps or pipe.manifest.sampler["fps"], overwrite=overwrite)
+        path = write_video(chunks, output, fps=fps, overwrite=overwrite)
     finally:
         if bar is not None:
             bar.close()

@@ -7,8 +7,10 @@ keeps its traceback. `--debug` shows tracebacks for `WanError` too.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
+import signal
 import sys
 from typing import Callable
 
@@ -19,7 +21,28 @@ class WanError(Exception):
     """A user mistake (bad input, missing file): printed as one line, no traceback."""
 
 
+class NonFiniteError(WanError):
+    """A stage or the sampler produced NaN/Inf: the video would be garbage, so none is written."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP: unwinds like Ctrl+C, so every partial output is removed on the way."""
+
+
 EXIT_USER_ERROR = 2
+# The environment, not the program: these become one line too (the writers name the path).
+ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def _terminate(signum, frame):
+    raise Terminated(signum)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """numpy's MemoryError, or ONNX Runtime's failed allocation (it raises its own types)."""
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or any(
+        words in text for words in ("failed to allocate", "bad_alloc", "bad allocation", "out of memory"))
 
 
 def run_cli(command: click.Command, prog_name: str) -> Callable[[], None]:
@@ -38,13 +61,20 @@ def run_cli(command: click.Command, prog_name: str) -> Callable[[], None]:
                             format="%(message)s", stream=sys.stderr)
         for name in ("export", "engines", "runtime"):
             logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.INFO)
+        for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if sig is not None:
+                signal.signal(sig, _terminate)
         try:
             command.main(prog_name=prog_name, standalone_mode=False)
         except click.exceptions.Exit as exc:  # --help, --version
             sys.exit(exc.exit_code)
-        except click.Abort:
-            click.echo(f"{prog_name}: interrupted", err=True)
-            sys.exit(130)
+        except click.Abort as exc:
+            cause = exc.__cause__ or exc.__context__  # click wraps the KeyboardInterrupt
+            signum = cause.args[0] if isinstance(cause, Terminated) else None
+            name = signal.Signals(signum).name if signum else "interrupted"
+            click.echo(f"{prog_name}: {'interrupted' if signum is None else f'stopped by {name}'}"
+                       "; nothing was written", err=True)
+            sys.exit(128 + (signum or signal.SIGINT))
         except click.UsageError as exc:
             click.echo(f"{prog_name}: error: {exc.format_message()} (see --help)", err=True)
             sys.exit(EXIT_USER_ERROR)
@@ -52,6 +82,14 @@ def run_cli(command: click.Command, prog_name: str) -> Callable[[], None]:
             if debug:
                 raise
             click.echo(f"{prog_name}: error: {exc}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+        except Exception as exc:  # the environment ran out of something: not a bug to trace
+            if debug or not (is_out_of_memory(exc) or (isinstance(exc, OSError)
+                                                       and exc.errno in ENVIRONMENT_ERRNOS)):
+                raise
+            what = "out of memory" if is_out_of_memory(exc) else exc.strerror
+            click.echo(f"{prog_name}: error: {what} ({type(exc).__name__}); nothing was written "
+                       "(ask for fewer frames or a smaller size, or free memory/disk)", err=True)
             sys.exit(EXIT_USER_ERROR)
 
     return main

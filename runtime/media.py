@@ -1,7 +1,8 @@
 """Reference-image loading and video writing/reading (MP4, GIF, PNG folder), without torch.
 
-Outputs are written atomically: to a hidden temporary sibling first, then renamed into place, so
-a crash or Ctrl+C never leaves a half-written video or clobbers an existing one.
+Outputs are written atomically: to a hidden partial sibling first, then renamed into place
+(runtime/files.py), so a crash, Ctrl+C or SIGTERM never leaves a half-written video, and nothing
+is replaced but an earlier output, and only with `overwrite`.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ import logging
 import numbers
 import os
 import re
-import secrets
-import shutil
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Iterable
@@ -22,7 +21,9 @@ import numpy as np
 from av.video.reformatter import ColorPrimaries, ColorRange, ColorTrc, Colorspace
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
-from runtime.errors import WanError
+from runtime.errors import ENVIRONMENT_ERRNOS, WanError
+from runtime.files import (absolute, check_replaceable_place, check_writable_dir, clean_stale, commit,
+                           environment_error, exists, partial_name, regular_file, remove)
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +41,26 @@ _H264_OPTIONS = {"crf": "18", "preset": "medium"}
 # --- reference images -------------------------------------------------------------------------
 
 
+# A reference image is decoded whole before it is scaled, so its size is checked first, from the
+# header: 100 megapixels (a 300 MB RGB decode) covers any camera; an aspect ratio beyond 16:1 is
+# no picture of a subject (a 1 x 2,000,000 PNG is 4 KB on disk).
+MAX_IMAGE_PIXELS = 100_000_000
+MAX_IMAGE_ASPECT = 16
+
+
 def load_image(path: PathLike, height: int, width: int) -> np.ndarray:
     """Read an image, scale it to cover (height, width), centre-crop, return uint8 (H, W, 3)."""
     if height <= 0 or width <= 0:
         raise WanError(f"image size {height}x{width} is invalid; height and width must be > 0")
-    path = Path(path)
-    if not path.exists():
-        raise WanError(f"reference image '{path}' does not exist")
-    if path.is_dir():
-        raise WanError(f"reference image '{path}' is a directory, not an image file")
+    path = regular_file(path, "reference image")
     try:
         with Image.open(path) as img:
+            w, h = img.size
+            if w * h > MAX_IMAGE_PIXELS or max(w, h) > MAX_IMAGE_ASPECT * min(w, h):
+                raise WanError(f"reference image '{path}' is {w}x{h} pixels: use at most "
+                               f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels and an aspect ratio up to "
+                               f"{MAX_IMAGE_ASPECT}:1")
+            img.draft("RGB", _cover_size(w, h, height, width))  # JPEG: decode at a reduced scale
             img.load()  # decode now, so a truncated file fails here and not later
             rgb = img.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
@@ -61,17 +71,24 @@ def load_image(path: PathLike, height: int, width: int) -> np.ndarray:
     return np.asarray(_cover_crop(rgb, height, width), dtype=np.uint8)
 
 
-def _cover_crop(img: Image.Image, height: int, width: int) -> Image.Image:
-    """Resize keeping aspect ratio so the image covers the target, then crop the centre."""
-    scale = max(height / img.height, width / img.width)
+def _cover_size(w: int, h: int, height: int, width: int) -> tuple[int, int]:
+    """The size (w, h) of the image scaled to cover (height, width), keeping its aspect ratio."""
+    scale = max(height / h, width / w)
     # max() guards against float rounding leaving the covering side one pixel short.
-    new_w = max(width, round(img.width * scale))
-    new_h = max(height, round(img.height * scale))
-    if (new_w, new_h) != img.size:
-        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=None)
-    left = (new_w - width) // 2
-    top = (new_h - height) // 2
-    return img.crop((left, top, left + width, top + height))
+    return max(width, round(w * scale)), max(height, round(h * scale))
+
+
+def _cover_crop(img: Image.Image, height: int, width: int) -> Image.Image:
+    """Scale keeping the aspect ratio so the image covers the target, and take the centre: the
+    source box that maps onto the target is resampled directly, so memory is the target's."""
+    new_w, new_h = _cover_size(img.width, img.height, height, width)
+    if (new_w, new_h) == img.size:
+        left, top = (new_w - width) // 2, (new_h - height) // 2
+        return img.crop((left, top, left + width, top + height))
+    sx, sy = img.width / new_w, img.height / new_h  # source pixels per covered pixel
+    left, top = (new_w - width) // 2, (new_h - height) // 2
+    box = (left * sx, top * sy, (left + width) * sx, (top + height) * sy)
+    return img.resize((width, height), Image.Resampling.BICUBIC, box=box, reducing_gap=None)
 
 
 def _short_reason(exc: BaseException) -> str:
@@ -85,6 +102,12 @@ def _short_reason(exc: BaseException) -> str:
 
 
 # --- output paths -----------------------------------------------------------------------------
+
+# The highest frame rate each container stores faithfully: GIF counts delays in 1/100 s and
+# browsers stretch delays under 2/100 s to 1/10 s; H.264 levels top out near 120 fps at 1080p.
+MAX_FPS = {"mp4": 120, "gif": 50, "png": 120}
+_MAGIC = {"mp4": lambda head: head[4:8] == b"ftyp", "gif": lambda head: head[:6] in (b"GIF87a", b"GIF89a")}
+OVERWRITE_HINT = "--overwrite replaces only a video or a folder of frames"
 
 
 def output_kind(path: PathLike) -> str:
@@ -105,25 +128,56 @@ def output_kind(path: PathLike) -> str:
     )
 
 
-def check_output(path: PathLike, overwrite: bool) -> Path:
-    """Validate an output path up front, so a bad name fails before minutes of sampling."""
-    output_kind(path)
-    out = Path(path)
+def check_fps(fps, kind: str) -> int:
+    """The frame rate as an int, if `kind`'s container stores it faithfully."""
+    limit = MAX_FPS[kind]
+    if isinstance(fps, bool) or not isinstance(fps, numbers.Integral) or not 1 <= fps <= limit:
+        raise WanError(f"fps {fps!r} is not allowed: use a whole number from 1 to {limit} "
+                       f"(the most a {kind.upper()} output stores faithfully)")
+    return int(fps)
+
+
+def not_our_output(path: Path, kind: str) -> str | None:
+    """None if `path` is an output of `kind` that --overwrite may replace (a video file, a folder
+    holding only frame PNGs), else why not. A link is replaced itself, never what it points to."""
+    if kind == "png":
+        if path.is_symlink() or not path.is_dir():
+            return "is not a folder of frames"
+        for entry in path.iterdir():
+            if not (_FRAME_RE.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink()):
+                return f"holds '{entry.name}', which is not a frame written by wan-run"
+        return None
+    if path.is_symlink():
+        return None
+    if not path.is_file():
+        return f"is not a {kind.upper()} file"
+    with open(path, "rb") as f:
+        head = f.read(12)
+    return None if _MAGIC[kind](head) else f"is not a {kind.upper()} video (by its content)"
+
+
+def check_output(path: PathLike, overwrite: bool, fps=None) -> Path:
+    """Validate an output path (and `fps`, if given) up front, so a bad name fails before minutes
+    of sampling. Removes partial outputs of killed runs to the same path. Returns it absolute."""
+    kind = output_kind(path)
+    out = absolute(path)
+    if fps is not None:
+        check_fps(fps, kind)
     parent = out.parent
     if not parent.exists():
         raise WanError(f"output folder '{parent}' does not exist; create it first")
     if not parent.is_dir():
         raise WanError(f"output folder '{parent}' is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise WanError(f"output folder '{parent}' is not writable")
-    if _exists(out) and not overwrite:
-        raise WanError(f"output '{path}' already exists; pass --overwrite to replace it")
+    check_writable_dir(parent, "output folder")
+    clean_stale(out)
+    if exists(out):
+        if not overwrite:
+            raise WanError(f"output '{path}' already exists; pass --overwrite to replace it")
+        check_replaceable_place(out, "output")
+        why = not_our_output(out, kind)
+        if why is not None:
+            raise WanError(f"output '{path}' {why}; not replaced ({OVERWRITE_HINT})")
     return out
-
-
-def _exists(path: Path) -> bool:
-    # A dangling symlink still occupies the name, so count it as existing.
-    return path.exists() or path.is_symlink()
 
 
 # --- writing ----------------------------------------------------------------------------------
@@ -136,17 +190,16 @@ def write_video(
 
     `frames` may also be an iterable of such chunks (a streaming decoder's output): MP4 and PNG
     frames are encoded as each chunk arrives, so the whole clip never has to be in memory.
+    Nothing the user has is replaced unless `overwrite`, and then only an earlier output.
     """
+    kind = output_kind(path)
+    fps = check_fps(fps, kind)
     chunks = iter([frames]) if isinstance(frames, np.ndarray) else iter(frames)
     first = next(chunks, None)
     if first is None:
         raise ValueError("frames must not be empty, got no chunks")
     _check_frames(first)
-    if isinstance(fps, bool) or not isinstance(fps, numbers.Integral) or fps <= 0:
-        raise WanError(f"fps {fps!r} is invalid; use a whole number of frames per second above 0")
-    fps = int(fps)
     out = check_output(path, overwrite)
-    kind = output_kind(path)
     size = first.shape[1:3]
     if kind == "mp4" and (size[0] % 2 or size[1] % 2):
         raise ValueError(f"MP4 (yuv420p) needs an even frame size, got {size}")
@@ -160,13 +213,26 @@ def write_video(
             count[0] += len(chunk)
             yield from chunk
 
-    if kind == "png":
-        _write_png_folder(each_frame(), out, overwrite)
-    else:
-        writer = _write_mp4 if kind == "mp4" else _write_gif
-        _write_file_atomically(lambda tmp: writer(each_frame(), size, tmp, fps), out, overwrite)
+    tmp = partial_name(out)
+    try:
+        if kind == "png":
+            os.mkdir(tmp)  # os.mkdir (not tempfile.mkdtemp): normal permissions, not 0700
+            for i, frame in enumerate(each_frame()):
+                Image.fromarray(frame).save(tmp / _FRAME_NAME.format(i), format="PNG")
+        else:
+            writer = _write_mp4 if kind == "mp4" else _write_gif
+            writer(each_frame(), size, tmp, fps)
+        commit(tmp, out, overwrite, lambda p: not_our_output(p, kind), "output",
+               "pass --overwrite to replace it")
+    except BaseException as exc:  # includes Ctrl+C / SIGTERM: never leave a partial behind
+        if exists(tmp):
+            remove(tmp)
+        err = getattr(exc, "errno", None)
+        if isinstance(exc, (OSError, av.FFmpegError)) and err in ENVIRONMENT_ERRNOS:
+            raise environment_error(exc, "output", path) from None
+        raise
     log.debug("wrote %d frames (%dx%d, %d fps) to %s", count[0], size[1], size[0], fps, out)
-    return out
+    return Path(path)
 
 
 def _check_frames(frames: np.ndarray) -> None:
@@ -179,73 +245,6 @@ def _check_frames(frames: np.ndarray) -> None:
         raise ValueError(f"frames must have shape (T, H, W, 3), got {frames.shape}")
     if min(frames.shape[:3]) == 0:
         raise ValueError(f"frames must not be empty, got shape {frames.shape}")
-
-
-def _write_file_atomically(write: Callable[[Path], None], out: Path, overwrite: bool) -> None:
-    """Run `write` on a temporary sibling of `out`, then rename it over `out`."""
-    # Same directory, so os.replace is a rename on one filesystem (atomic); same suffix, so
-    # encoders that look at the name still see the right format. Leading dot hides it.
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}{out.suffix}")
-    try:
-        write(tmp)
-        _refuse_if_appeared(out, overwrite)
-        os.replace(tmp, out)
-    except BaseException:  # includes KeyboardInterrupt: never leave a partial file behind
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _write_png_folder(frames: Iterable[np.ndarray], out: Path, overwrite: bool) -> None:
-    """Write frame_0000.png... into a temporary folder, then swap it in for `out`."""
-    # os.mkdir (not tempfile.mkdtemp) so the folder gets normal permissions, not 0700.
-    tmp = _unused_sibling(out, "partial")
-    os.mkdir(tmp)
-    try:
-        for i, frame in enumerate(frames):
-            Image.fromarray(frame).save(tmp / _FRAME_NAME.format(i), format="PNG")
-        _refuse_if_appeared(out, overwrite)
-        _swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _swap_in(new: Path, out: Path) -> None:
-    """Move folder `new` to `out`; an existing `out` is set aside first and deleted last."""
-    # A non-empty folder cannot be replaced in one rename, so: old aside, new in, old away.
-    # Until the new one is in place the old one is restored on failure.
-    if not _exists(out):
-        os.rename(new, out)
-        return
-    old = _unused_sibling(out, "old")
-    os.rename(out, old)
-    try:
-        os.rename(new, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    try:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old)
-        else:
-            old.unlink()
-    except OSError as exc:
-        # The new output is complete and in place; a leftover is only clutter.
-        log.warning("could not remove the replaced output '%s': %s", old, exc)
-
-
-def _unused_sibling(out: Path, tag: str) -> Path:
-    """A hidden name next to `out` that nothing else uses."""
-    while True:
-        candidate = out.with_name(f".{out.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}")
-        if not _exists(candidate):
-            return candidate
-
-
-def _refuse_if_appeared(out: Path, overwrite: bool) -> None:
-    # check_output ran before the (slow) encode; something may have taken the name since.
-    if not overwrite and _exists(out):
-        raise WanError(f"output '{out}' already exists; pass --overwrite to replace it")
 
 
 def _write_mp4(frames: Iterable[np.ndarray], size: tuple[int, int], path: Path, fps: int) -> None:
@@ -272,15 +271,22 @@ def _write_mp4(frames: Iterable[np.ndarray], size: tuple[int, int], path: Path, 
         box.mux(stream.encode())  # flush the frames the encoder still holds
 
 
+def gif_delays_cs(count: int, fps: int) -> list[int]:
+    """Per-frame GIF delays in 1/100 s whose running sum stays within half a centisecond of
+    i/fps: 16 fps is 6, 6, 6, 7, ... (6.25 on average), not a flat 6 that plays at 16.7 fps."""
+    return [round((i + 1) * 100 / fps) - round(i * 100 / fps) for i in range(count)]
+
+
 def _write_gif(frames: Iterable[np.ndarray], size: tuple[int, int], path: Path, fps: int) -> None:
     images = [Image.fromarray(frame) for frame in frames]  # GIF is written in one go
-    # GIF stores delays in 1/100 s, so the frame rate is approximate.
+    # Pillow takes milliseconds and stores centiseconds; it merges a frame identical to the one
+    # before into it (adding the delays), which `read_video(..., fps=)` expands again.
     images[0].save(
         path,
         format="GIF",
         save_all=True,
         append_images=images[1:],
-        duration=round(1000 / fps),
+        duration=[10 * d for d in gif_delays_cs(len(images), fps)],
         loop=0,  # loop forever
     )
 
@@ -288,11 +294,12 @@ def _write_gif(frames: Iterable[np.ndarray], size: tuple[int, int], path: Path, 
 # --- reading ----------------------------------------------------------------------------------
 
 
-def read_video(path: PathLike) -> np.ndarray:
+def read_video(path: PathLike, fps: int | None = None) -> np.ndarray:
     """Read an MP4, GIF or PNG folder written by `write_video` as uint8 (T, H, W, 3).
 
-    GIF note: Pillow merges consecutive identical frames when writing (keeping the total
-    duration), so a GIF can read back with fewer frames than were written.
+    GIF note: identical consecutive frames are stored once with their delays added, so a GIF
+    reads back with fewer frames than were written, unless `fps` (the rate it was written at)
+    is given: then each stored frame is repeated for as long as it is shown.
     """
     kind = output_kind(path)
     path = Path(path)
@@ -303,7 +310,9 @@ def read_video(path: PathLike) -> np.ndarray:
             frames = _read_png_folder(path)
         elif kind == "gif":
             with Image.open(path) as img:
-                frames = [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(img)]
+                shown = [(np.asarray(f.convert("RGB")), round(f.info.get("duration", 0) / 10))
+                         for f in ImageSequence.Iterator(img)]
+            frames = [f for f, _ in shown] if fps is None else _expand_gif(shown, fps)
         else:
             with av.open(str(path)) as box:
                 frames = [f.to_ndarray(format="rgb24") for f in box.decode(video=0)]
@@ -312,6 +321,14 @@ def read_video(path: PathLike) -> np.ndarray:
     if not frames:
         raise WanError(f"video '{path}' contains no frames")
     return np.stack(frames).astype(np.uint8, copy=False)
+
+
+def _expand_gif(shown: list[tuple[np.ndarray, int]], fps: int) -> list[np.ndarray]:
+    """Frames at `fps` from (frame, delay in 1/100 s) pairs: frame i starts at round(100 i / fps)."""
+    starts = np.cumsum([0] + [d for _, d in shown])  # centiseconds
+    count = round(starts[-1] * fps / 100)
+    at = [round(i * 100 / fps) for i in range(count)]
+    return [shown[int(np.searchsorted(starts, t, side="right")) - 1][0] for t in at]
 
 
 def _read_png_folder(path: Path) -> list[np.ndarray]:

@@ -29,6 +29,7 @@ where it is" and is also the CFG branch without conditioning.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,8 +61,13 @@ class Motion:
 
     def check(self) -> "Motion":
         """Raise a one-line WanError for a value outside what the model was trained on."""
-        dx, dy = self.move
-        if not all(math.isfinite(v) for v in (dx, dy, self.bend, self.turn, self.zoom)):
+        try:
+            dx, dy = self.move
+        except (TypeError, ValueError):
+            raise WanError(f"move {self.move!r} is not allowed: use two numbers (dx, dy)") from None
+        values = (dx, dy, self.bend, self.turn, self.zoom)
+        if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+                   for v in values):
             raise WanError(f"motion {self} is not allowed: every value must be a finite number")
         if math.hypot(dx, dy) > MAX_MOVE:
             raise WanError(f"move {dx:g},{dy:g} is not allowed: the distance may be at most {MAX_MOVE} "

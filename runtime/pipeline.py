@@ -24,27 +24,12 @@ from typing import Callable, Iterator
 import numpy as np
 
 from runtime.backends import open_backend
-from runtime.errors import WanError
+from runtime.errors import NonFiniteError, WanError
 from runtime.manifest import Manifest, load_manifest
 from runtime.motion import Motion, identity_maps, image_motion_maps
+from runtime.request import MAX_SEED, Request, check_sampler, whole
 from runtime.solvers import SOLVERS, flow_sigmas, guided, rescale_frames, timestep, with_reference_frame
 from runtime.stages import STREAM_STAGE_NAMES
-
-
-@dataclass(frozen=True)
-class Request:
-    """A validated generation request; `None`s in the user's call were filled from the manifest."""
-
-    frames: int
-    height: int
-    width: int
-    steps: int
-    guidance: float
-    guidance_rescale: float
-    shift: float
-    solver: str
-    seed: int
-    motion: Motion | None  # None: a random motion drawn from the seed
 
 
 @dataclass
@@ -96,10 +81,12 @@ class Pipeline:
 
     @classmethod
     def from_dir(cls, path: str | Path, precision: str = "fp32", backend: str = "onnxruntime",
-                 verify: str = "auto", threads: int | None = None) -> "Pipeline":
-        """Load an artifact directory written by wan-export; `verify` as in `load_manifest`."""
+                 verify: str = "auto", threads: int | None = None,
+                 expect_manifest: str | None = None) -> "Pipeline":
+        """Load an artifact directory written by wan-export; `verify` and `expect_manifest` (the
+        manifest's pinned sha256) as in `load_manifest`."""
         root = Path(path)
-        manifest = load_manifest(root, verify)
+        manifest = load_manifest(root, verify, expect_manifest)
         return cls(root, manifest, open_backend(backend, root, manifest, precision, threads))
 
     # -- validation -----------------------------------------------------------------------
@@ -122,38 +109,32 @@ class Pipeline:
         solver = sampler["solver"] if solver is None else solver
 
         ts = g.temporal_stride
-        f_range = m.symbols["F"]
-        max_frames = ts * (f_range.max - 1) + 1
-        if g.frames_to_latent(frames) is None or not 1 <= frames <= max_frames:
-            raise WanError(f"frames {frames} is not allowed: use {ts}n+1 frames "
-                           f"(1, {ts + 1}, {2 * ts + 1}, ...) up to {max_frames}")
+        max_frames = ts * (m.symbols["F"].max - 1) + 1
+        frames_rule = f"use {ts}n+1 frames (1, {ts + 1}, {2 * ts + 1}, ...) up to {max_frames}"
+        frames = whole("frames", frames, 1, max_frames, frames_rule)
+        if g.frames_to_latent(frames) is None:
+            raise WanError(f"frames {frames} is not allowed: {frames_rule}")
+        sizes = []
         for name, size, mult, sym in (("height", height, g.pixels_per_token[0], "Hp"),
                                       ("width", width, g.pixels_per_token[1], "Wp")):
             r = m.symbols[sym]
-            if size % mult or not r.min * mult <= size <= r.max * mult:
-                raise WanError(f"{name} {size} is not allowed: use a multiple of {mult} from "
-                               f"{r.min * mult} to {r.max * mult}")
-        if not isinstance(steps, int) or steps <= 0:
-            raise WanError(f"steps {steps} is not allowed: use a whole number >= 1")
-        if not math.isfinite(guidance) or guidance < 0:
-            raise WanError(f"guidance {guidance} is not allowed: use a finite number >= 0 "
-                           "(1 disables classifier-free guidance)")
-        if not (math.isfinite(guidance_rescale) and 0 <= guidance_rescale <= 1):
-            raise WanError(f"guidance rescale {guidance_rescale} is not allowed: use a number from 0 "
-                           "(plain classifier-free guidance) to 1")
-        if not math.isfinite(shift) or shift <= 0:
-            raise WanError(f"shift {shift} is not allowed: use a finite number > 0")
-        if solver not in SOLVERS:
-            raise WanError(f"solver {solver!r} is not allowed: use one of {', '.join(SOLVERS)}")
-        if not isinstance(seed, int) or not 0 <= seed < 2**63:
-            raise WanError(f"seed {seed} is not allowed: use a whole number from 0 to 2^63-1")
+            rule = f"use a multiple of {mult} from {r.min * mult} to {r.max * mult}"
+            sizes.append(whole(name, size, r.min * mult, r.max * mult, rule))
+            if sizes[-1] % mult:
+                raise WanError(f"{name} {size} is not allowed: {rule}")
+        height, width = sizes
+        steps, guidance, guidance_rescale, shift, solver = check_sampler(
+            steps, guidance, guidance_rescale, shift, solver)
+        seed = whole("seed", seed, 0, MAX_SEED)
         if motion is not None:
+            if not isinstance(motion, Motion):
+                raise WanError(f"motion {motion!r} is not allowed: use runtime.Motion(...) or None")
             if not self.takes_motion:
                 raise WanError("these artifacts' DiT has no motion input (exported before it existed): "
                                "re-export them to give a motion")
             motion.check()
-        return Request(frames, height, width, steps, float(guidance), float(guidance_rescale),
-                       float(shift), solver, seed, motion)
+        return Request(frames, height, width, steps, guidance, guidance_rescale, shift, solver, seed,
+                       motion)
 
     # -- stages ---------------------------------------------------------------------------
 
@@ -167,6 +148,16 @@ class Pipeline:
         shape = self.stages["dit"].spec.inputs[0].shape(env)
         noise = np.random.default_rng(req.seed).standard_normal(shape, dtype=np.float32)
         return self.backend.to_device(noise)  # drawn on the host: the same on every backend
+
+    def check_noise(self, noise, req: Request) -> None:
+        """A caller's initial latent: float32 of the request's latent shape, finite."""
+        env = self.manifest.geometry.env(1, req.frames, req.height, req.width)
+        shape = self.stages["dit"].spec.inputs[0].shape(env)
+        if getattr(noise, "dtype", None) != np.float32 or tuple(noise.shape) != shape:
+            raise WanError(f"noise has {getattr(noise, 'dtype', type(noise).__name__)} "
+                           f"{tuple(getattr(noise, 'shape', ()))}; expected float32 {shape} for this request")
+        if not np.isfinite(noise).all():
+            raise NonFiniteError("noise holds NaN or Inf; nothing was generated")
 
     @property
     def takes_motion(self) -> bool:
@@ -211,16 +202,29 @@ class Pipeline:
         """Integrate the flow from noise (sigma 1) to a clean latent (sigma 0), with latent
         frame 0 the clean reference latent throughout (`with_reference_frame`); `maps` from
         `motion_maps`."""
+        xp = self.xp
+        if not bool(xp.isfinite(noise).all()):
+            raise NonFiniteError("the initial latent (the noise) holds NaN or Inf; nothing was written")
         sigmas = flow_sigmas(req.steps, req.shift)
         condition = self.dit_condition(ref_latent, maps, req.guidance)  # constant across steps
         step, x, x0 = SOLVERS[req.solver], with_reference_frame(noise, ref_latent), None
-        for i in range(req.steps):
-            t0 = time.perf_counter()
-            v = self.velocity(x, float(sigmas[i]), condition, req.guidance, req.guidance_rescale)
-            x, x0 = step(x, v, sigmas, i, x0)
-            x = with_reference_frame(x, ref_latent)
-            if on_step is not None:
-                on_step(i, time.perf_counter() - t0)
+        # Overflow in the guidance sum or a solver step is caught below as one line per run,
+        # not as numpy's RuntimeWarning followed by a grey video.
+        with np.errstate(over="ignore", invalid="ignore"):
+            for i in range(req.steps):
+                t0 = time.perf_counter()
+                where = f"at step {i + 1} of {req.steps} (sigma {sigmas[i]:.4g})"
+                try:
+                    v = self.velocity(x, float(sigmas[i]), condition, req.guidance, req.guidance_rescale)
+                except NonFiniteError as exc:
+                    raise NonFiniteError(f"{exc} {where}; nothing was written") from None
+                x, x0 = step(x, v, sigmas, i, x0)
+                x = with_reference_frame(x, ref_latent)
+                if not bool(xp.isfinite(x).all()):
+                    raise NonFiniteError(f"the sampled latent became NaN or Inf {where}, with guidance "
+                                         f"{req.guidance:g} and shift {req.shift:g}; nothing was written")
+                if on_step is not None:
+                    on_step(i, time.perf_counter() - t0)
         return x
 
     @property
@@ -267,6 +271,8 @@ class Pipeline:
         if image.dtype != np.uint8 or image.shape != (req.height, req.width, 3):
             raise WanError(f"reference image array has {image.dtype} {image.shape}; expected "
                            f"uint8 ({req.height}, {req.width}, 3)")
+        if noise is not None:
+            self.check_noise(noise, req)
         timings = Timings()
         maps, motion = self.motion_maps(image, req)
         frames_out = np.concatenate(list(self.generate_chunks(image, req, timings, noise, on_step, maps)))

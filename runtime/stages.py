@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from runtime.errors import WanError
+
 SYMBOLS = ("B", "F", "Hp", "Wp")
 
 
@@ -139,6 +141,32 @@ class StageSpec:
                     raise ValueError(f"{self.name}.{t.name}: axis {axis} is {n}, which does not "
                                      f"fit {d} (shape {a.shape}, symbols so far {env})")
         return env
+
+    def check_graph(self, inputs: list[tuple], outputs: list[tuple], where: str) -> None:
+        """Refuse a graph (or engine) whose I/O is not this spec's, at load rather than at the
+        first call: `inputs`/`outputs` list (name, dtype, shape), a shape entry an int for a
+        fixed axis and anything else for a dynamic one. Extra outputs are allowed."""
+        fix = f"; rebuild '{where}' with wan-export"
+        have_in = {name for name, _, _ in inputs}
+        if have_in != {t.name for t in self.inputs}:
+            raise WanError(f"{where} is not the {self.name} stage: its inputs are {sorted(have_in)}, the "
+                           f"manifest says {sorted(t.name for t in self.inputs)}{fix}")
+        for kind, specs, got in (("input", self.inputs, inputs), ("output", self.outputs, outputs)):
+            have = {name: (dtype, tuple(shape)) for name, dtype, shape in got}
+            for t in specs:
+                if t.name not in have:
+                    raise WanError(f"{where} is not the {self.name} stage: it has no {kind} "
+                                   f"'{t.name}'{fix}")
+                dtype, shape = have[t.name]
+                fixed = [isinstance(n, int) and n >= 0 for n in shape]
+                ok = dtype == t.dtype and len(shape) == len(t.dims) and all(
+                    (d.symbol is None) == f and (not f or n == d.offset)
+                    for d, n, f in zip(t.dims, shape, fixed))
+                if not ok:
+                    shown = [n if f else "?" for n, f in zip(shape, fixed)]
+                    raise WanError(f"{where} is not the {self.name} stage: {kind} '{t.name}' is "
+                                   f"{dtype} {shown}, the manifest says {t.dtype} "
+                                   f"{[str(d) for d in t.dims]}{fix}")
 
     def to_dict(self) -> dict:
         return {"inputs": [t.to_dict() for t in self.inputs],

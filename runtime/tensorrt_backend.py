@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.backends import check_finite
 from runtime.errors import WanError
 from runtime.manifest import Manifest
 from runtime.stages import StageSpec
@@ -77,6 +78,18 @@ def check_profile(engine: dict, name: str, env: dict[str, int]) -> None:
                            "rebuild with wan-export --tensorrt --min/--max covering this video")
 
 
+def engine_io(engine, trt) -> tuple[list[tuple], list[tuple]]:
+    """An engine's (name, numpy dtype, shape) inputs and outputs, as `StageSpec.check_graph`
+    takes them (TensorRT gives -1 for a dynamic axis)."""
+    io: tuple[list, list] = ([], [])
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name))).name
+        is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+        io[0 if is_input else 1].append((name, dtype, tuple(engine.get_tensor_shape(name))))
+    return io
+
+
 class TensorRTStage:
     """One engine with its execution context; called with and returning cupy arrays."""
 
@@ -101,7 +114,7 @@ class TensorRTStage:
         if not ctx.execute_async_v3(self.stream.ptr):
             raise RuntimeError(f"TensorRT failed to run the {self.name} engine")
         self.stream.synchronize()
-        return outputs
+        return check_finite(self.name, outputs, cp)
 
 
 class TensorRTBackend:
@@ -130,6 +143,7 @@ class TensorRTBackend:
             if engine is None:
                 raise WanError(f"TensorRT cannot load {record['path']} on this GPU; rebuild '{root}' "
                                "with wan-export --tensorrt")
+            manifest.stages[name].spec.check_graph(*engine_io(engine, trt), where=str(root / record["path"]))
             self.stages[name] = TensorRTStage(name, manifest.stages[name].spec, engine, record, cp, self.stream)
         # One activation buffer for all stages: they run one after another, never together.
         size = max(s.engine.device_memory_size_v2 for s in self.stages.values())

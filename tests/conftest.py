@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import subprocess
@@ -24,13 +25,16 @@ def attention(request) -> str:
     return request.param
 
 
-def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
-    """Run a console script (`wan-run ...`, `wan-export ...`) through this interpreter."""
-    tool, rest = args[0], args[1:]
+def cli_argv(tool: str, *args) -> list[str]:
+    """The command line of a console script (`wan-run`, `wan-export`) run by this interpreter."""
     module = {"wan-run": "runtime.cli", "wan-export": "export.cli"}[tool]
     code = f"import sys; from {module} import entry_point; sys.argv[0] = {tool!r}; entry_point()"
-    return subprocess.run([sys.executable, "-c", code, *map(str, rest)], capture_output=True,
-                          text=True, cwd=cwd, timeout=900)
+    return [sys.executable, "-c", code, *map(str, args)]
+
+
+def run_cli(*args, cwd=None, **kwargs) -> subprocess.CompletedProcess:
+    """Run a console script (`wan-run ...`, `wan-export ...`) to completion."""
+    return subprocess.run(cli_argv(*args), capture_output=True, text=True, cwd=cwd, timeout=900, **kwargs)
 
 
 @pytest.fixture(scope="session")
@@ -77,3 +81,38 @@ def reference_image() -> np.ndarray:
     disc = (yy - 28) ** 2 + (xx - 24) ** 2 < 14**2
     img[disc] = (230, 120, 40)
     return img
+
+
+@contextlib.contextmanager
+def small_filesystem(path, size: str = "64k", read_only: bool = False):
+    """A tmpfs of `size` (or read-only) mounted at `path`: real ENOSPC / EROFS for the writers.
+    Skips where this process may not mount (the checks are then only the in-process ones)."""
+    path.mkdir()
+    opts = f"size={size}" + (",ro" if read_only else "")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode})")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped): what a killed run leaves behind."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def fake_stages(monkeypatch, build_mod, on_export=None):
+    """Stand-ins for export + validation, so a test about the writer builds in a second:
+    every graph is a few bytes; `on_export(spec)` runs after each is written."""
+    def export_stage(module, spec, symbols, path, *rest):
+        path.write_bytes(b"x" * 64)
+        if on_export is not None:
+            on_export(spec)
+
+    monkeypatch.setattr(build_mod, "export_stage", export_stage)
+    monkeypatch.setattr(build_mod, "validate_stage", lambda *a, **k: {
+        "passed": True, "max_abs": 0.0, "max_rel": 0.0, "tolerance": 1e-4})

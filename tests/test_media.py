@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import av
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageSequence
 
-from runtime import media
+from runtime import files, media
 from runtime.errors import WanError
 from runtime.media import check_output, load_image, output_kind, read_video, write_video
 
@@ -47,7 +49,8 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def snapshot(path):
     """Everything observable about an output: bytes of a file, or names and bytes in a folder."""
     if path.is_dir():
-        return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+        return {p.relative_to(path).as_posix(): p.read_bytes() if p.is_file() else None
+                for p in sorted(path.rglob("*"))}
     return path.read_bytes()
 
 
@@ -106,11 +109,11 @@ def test_check_output_parent_is_a_file(tmp_path):
 
 def test_check_output_existing(tmp_path):
     out = tmp_path / "out.gif"
-    out.write_bytes(b"old")
+    out.write_bytes(b"GIF89a old")
     with pytest.raises(WanError, match="already exists; pass --overwrite"):
         check_output(out, overwrite=False)
     assert check_output(out, overwrite=True) == out
-    assert out.read_bytes() == b"old"  # checking never touches the file
+    assert out.read_bytes() == b"GIF89a old"  # checking never touches the file
 
 
 # --- round trips ------------------------------------------------------------------------------
@@ -235,11 +238,71 @@ def test_overwrite_replaces_output(tmp_path, kind):
     assert [p.name for p in tmp_path.iterdir()] == [NAMES[kind]]
 
 
-def test_png_overwrite_replaces_a_plain_file(tmp_path):
-    out = tmp_path / "frames"
-    out.write_bytes(b"not a folder")
-    write_video(blocky_frames(t=2), out, overwrite=True)
-    assert out.is_dir() and len(list(out.iterdir())) == 2
+@pytest.mark.parametrize("case", ["file named like a folder", "folder with other files", "video name on a folder",
+                                  "text named .mp4", "gif content named .mp4", "frames and a subfolder"])
+def test_overwrite_replaces_only_what_it_wrote(tmp_path, case):
+    """--overwrite replaces a video file or a folder holding only frames; anything else stays."""
+    out = tmp_path / {"file named like a folder": "frames", "folder with other files": "frames",
+                      "video name on a folder": "clip.mp4", "text named .mp4": "notes.mp4",
+                      "gif content named .mp4": "x.mp4", "frames and a subfolder": "frames"}[case]
+    if case == "file named like a folder":
+        out.write_bytes(b"not a folder")
+    elif case in ("folder with other files", "frames and a subfolder"):
+        write_video(blocky_frames(t=2), out)
+        if case == "folder with other files":
+            (out / "thesis.tex").write_text("three years of work")
+        else:
+            (out / "sub").mkdir()
+    elif case == "video name on a folder":
+        out.mkdir()
+        (out / "mine.txt").write_text("keep")
+    elif case == "text named .mp4":
+        out.write_text("my notes")
+    else:
+        write_video(blocky_frames(t=2), tmp_path / "x.gif")
+        (tmp_path / "x.gif").rename(out)
+    before = snapshot(out)
+    with pytest.raises(WanError, match="not replaced"):
+        write_video(blocky_frames(t=2), out, overwrite=True)
+    assert snapshot(out) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_overwrite_replaces_a_link_not_its_target(tmp_path):
+    target = tmp_path / "elsewhere.mp4"
+    write_video(blocky_frames(t=2), target)
+    before = target.read_bytes()
+    link = tmp_path / "link.mp4"
+    link.symlink_to(target)
+    write_video(blocky_frames(t=3, seed=4), link, overwrite=True)
+    assert not link.is_symlink() and read_video(link).shape[0] == 3
+    assert target.read_bytes() == before
+
+
+def test_output_that_appears_meanwhile_is_kept(tmp_path, monkeypatch):
+    """The name is checked before the (slow) encode and taken with a rename that never
+    replaces: a file made in between by someone else survives, and the new video is dropped."""
+    out = tmp_path / "out.mp4"
+
+    def frames():
+        yield blocky_frames(t=2)
+        out.write_text("made by someone else meanwhile")
+        yield blocky_frames(t=2, seed=3)
+
+    with pytest.raises(WanError, match="appeared while this run was working"):
+        write_video(frames(), out)
+    assert out.read_text() == "made by someone else meanwhile"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.mp4"]
+
+
+def test_current_directory_is_never_replaced(tmp_path, monkeypatch):
+    write_video(blocky_frames(t=2), tmp_path / "frames")
+    monkeypatch.chdir(tmp_path / "frames")
+    with pytest.raises(WanError, match="current directory"):
+        write_video(blocky_frames(t=2), ".", overwrite=True)
+    with pytest.raises(WanError, match="already exists"):
+        check_output(".", overwrite=False)
+    assert len(list((tmp_path / "frames").iterdir())) == 2
 
 
 def failing_after(monkeypatch, owner, name, calls, exc):
@@ -279,15 +342,15 @@ def test_failure_mid_write_leaves_no_partial_output(tmp_path, monkeypatch, kind,
 def test_png_swap_failure_restores_old_folder(tmp_path, monkeypatch):
     out = write_video(blocky_frames(seed=1), tmp_path / "frames")
     before = snapshot(out)
-    real_rename = media.os.rename
+    real_rename = files.rename_noreplace
 
     def rename(src, dst):
         # Let the old folder be set aside, then fail moving the new one in.
-        if ".partial-" in str(src):
+        if ".partial." in str(src):
             raise OSError("rename failed")
         return real_rename(src, dst)
 
-    monkeypatch.setattr(media.os, "rename", rename)
+    monkeypatch.setattr(files, "rename_noreplace", rename)
     with pytest.raises(OSError, match="rename failed"):
         write_video(blocky_frames(seed=2), out, overwrite=True)
     assert snapshot(out) == before
@@ -342,8 +405,10 @@ def test_load_image_uses_bicubic_cover_crop(tmp_path):
     source = Image.fromarray(smooth_frames(t=1, h=90, w=160)[0])
     path = tmp_path / "ref.png"
     source.save(path)
-    # 90x160 covering 48x48: scale 48/90 gives 85x48, crop columns 18..66.
-    expected = source.resize((85, 48), Image.Resampling.BICUBIC).crop((18, 0, 66, 48))
+    # 90x160 covering 48x48: scale 48/90 gives 85x48, whose columns 18..66 are the output; the
+    # source box behind them is resampled directly.
+    sx = 160 / 85
+    expected = source.resize((48, 48), Image.Resampling.BICUBIC, box=(18 * sx, 0, 66 * sx, 90))
     np.testing.assert_array_equal(load_image(path, 48, 48), np.asarray(expected))
 
 
@@ -405,3 +470,79 @@ def test_write_video_takes_chunks_as_they_come(tmp_path):
     out = write_video(chunks(), tmp_path / "frames")
     assert taken == [1, 5, 9]
     np.testing.assert_array_equal(read_video(out), frames)
+
+
+# --- frame rates the containers store, frames that read back ------------------------------------
+
+
+@pytest.mark.parametrize("kind, fps", [("mp4", 0), ("mp4", 121), ("gif", 51), ("png", 10**9), ("gif", 16.0),
+                                       ("mp4", True)])
+def test_fps_outside_what_the_container_stores_is_refused(tmp_path, kind, fps):
+    with pytest.raises(WanError, match="is not allowed: use a whole number from 1 to"):
+        write_video(blocky_frames(t=2), tmp_path / NAMES[kind], fps=fps)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fps", [1, 16, 24, 30, 120])
+def test_mp4_decodes_to_exactly_the_frames_at_their_times(tmp_path, fps):
+    frames = smooth_frames(t=T)
+    out = write_video(frames, tmp_path / "out.mp4", fps=fps)
+    with av.open(str(out)) as box:
+        stream = box.streams.video[0]
+        times = [float(f.pts * f.time_base) for f in box.decode(stream)]
+        assert stream.average_rate == fps
+    assert times == pytest.approx([i / fps for i in range(T)], abs=1e-6)
+    assert psnr(read_video(out), frames) > 30  # lossy, and rate control spends less per frame at 120 fps
+
+
+@pytest.mark.parametrize("fps", [16, 25, 50, 7])
+def test_gif_decodes_to_exactly_the_frames_given(tmp_path, fps):
+    """GIF keeps delays in 1/100 s: the per-frame delays vary so the clip lasts T/fps (16 fps
+    used to play at 16.7), and frames merged because they repeat come back at read time."""
+    frames = blocky_frames(t=T)
+    frames[3] = frames[2]  # a repeated frame, as a still subject gives
+    frames[4] = frames[2]
+    out = write_video(frames, tmp_path / "out.gif", fps=fps)
+    with Image.open(out) as img:
+        delays = [f.info["duration"] for f in ImageSequence.Iterator(img)]
+    assert len(delays) == T - 2 and sum(delays) == 10 * round(100 * T / fps)
+    np.testing.assert_array_equal(read_video(out, fps=fps), frames)
+
+
+def test_png_frames_read_back_exactly(tmp_path):
+    frames = smooth_frames(t=T)
+    np.testing.assert_array_equal(read_video(write_video(frames, tmp_path / "frames")), frames)
+
+
+# --- reference images that would hang or exhaust memory ----------------------------------------
+
+
+def test_huge_and_degenerate_images_are_refused_from_the_header(tmp_path, monkeypatch):
+    monkeypatch.setattr(media, "MAX_IMAGE_PIXELS", 10_000)
+    big = tmp_path / "big.png"
+    Image.new("RGB", (101, 100)).save(big)
+    with pytest.raises(WanError, match="is 101x100 pixels: use at most 0 megapixels"):
+        load_image(big, 16, 16)
+    line = tmp_path / "line.png"
+    Image.new("RGB", (1, 17)).save(line)
+    with pytest.raises(WanError, match=r"is 1x17 pixels: .* aspect ratio up to 16:1"):
+        load_image(line, 16, 16)
+    Image.new("RGB", (1, 16)).save(line)
+    assert load_image(line, 16, 16).shape == (16, 16, 3)
+
+
+def test_cover_crop_resamples_only_the_visible_box(tmp_path):
+    """A wide image covering a small square is not first scaled whole (a 1x100000 image took
+    2 GB that way): memory is the output's, and the result is the centre of the cover scale."""
+    wide = stripes(3000, 200)
+    path = tmp_path / "wide.png"
+    wide.save(path)
+    img = load_image(path, 32, 32)
+    assert (img[..., 1] > 200).all() and (img[..., [0, 2]] < 60).all()
+
+
+def test_fifo_image_is_refused_without_hanging(tmp_path):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(WanError, match="is a FIFO"):
+        load_image(fifo, 16, 16)

@@ -203,3 +203,52 @@ def test_streaming_decode_matches_whole_clip(tiny_models):
             parts.append(vae.decode(z[:, :, k : k + 1], cache))
     assert [p.shape[2] for p in parts] == [1, 4, 4, 4]
     assert torch.allclose(torch.cat(parts, dim=2), whole, atol=1e-5)
+
+
+BAD_CONFIGS = {
+    "dim a word": ({"dit": {"dim": "big"}}, 'config.dit.dim must be a whole number, got "big"'),
+    "dim a float": ({"dit": {"dim": 1e9}}, "config.dit.dim must be a whole number, got 1000000000.0"),
+    "no heads": ({"dit": {"num_heads": 0}}, "dit.num_heads 0 must be from 1 to dit.dim"),
+    "dim_mult a number": ({"vae": {"dim_mult": 5}}, "config.vae.dim_mult must be a list, got 5"),
+    "zero patch": ({"dit": {"patch_size": [1, 0, 0]}}, "dit.patch_size [1, 0, 0] entries must be from 1 to 8"),
+    "short patch": ({"dit": {"patch_size": [1, 2]}}, "must have 3 entries"),
+    "zero base_dim": ({"vae": {"base_dim": 0}}, "vae.base_dim 0 must be from 1"),
+    "negative layers": ({"dit": {"num_layers": -1}}, "dit.num_layers -1 must be from 1 to 1024"),
+    "bool layers": ({"dit": {"num_layers": True}}, "must be a whole number, got true"),
+    "negative steps": ({"sampler": {"steps": -5}}, "sampler steps -5 is not allowed"),
+    "zero fps": ({"sampler": {"fps": 0}}, "sampler fps 0 is not allowed"),
+    "negative shift": ({"sampler": {"shift": -1}}, "sampler shift -1.0 is not allowed"),
+    "unknown solver": ({"sampler": {"solver": "rk4"}}, "sampler solver 'rk4' is not allowed"),
+    "frames not 4n+1": ({"video": {"frames": 8}}, "video.frames 8 must be 4n+1"),
+    "default above max": ({"video": {"frames": 69}}, "must fit within video.max_frames"),
+    "preset not a name": ({"preset": 3}, "preset must be a preset name"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_bad_config_is_one_line_before_anything_is_built(case, tmp_path):
+    over, needle = BAD_CONFIGS[case]
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"preset": "tiny", **over}))
+    with pytest.raises(WanError) as err:
+        load_config(path)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_config_too_big_for_this_machine_is_refused_before_allocating(tmp_path):
+    from export.build import build_artifacts
+
+    cfg = dataclasses.replace(PRESETS["tiny"], dit=dataclasses.replace(
+        PRESETS["tiny"].dit, dim=60000, num_heads=10000, ffn_dim=240000))  # ~100B parameters
+    with pytest.raises(WanError, match=r"M parameters: exporting it needs about .* GiB, and .* GiB is available"):
+        build_artifacts(cfg, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_config_through_the_cli(tmp_path):
+    from tests.conftest import run_cli
+
+    (tmp_path / "c.json").write_text(json.dumps({"preset": "tiny", "dit": {"num_layers": -1}}))
+    r = run_cli("wan-export", "--config", tmp_path / "c.json", "--out", tmp_path / "out")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "num_layers -1" in r.stderr, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json"]

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import shutil
 
+import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
@@ -214,3 +215,29 @@ def test_bad_precision_name():
 
     with pytest.raises(WanError, match="'fp8' is not one of"):
         build_artifacts(tiny_config(), "unused", precisions=("fp8",))
+
+
+def test_engine_io_is_checked_against_the_spec():
+    """A TensorRT engine is checked like an ONNX graph when it loads (fakes stand in for
+    TensorRT's engine here: running a real one needs a GPU)."""
+    from types import SimpleNamespace
+
+    from runtime.stages import Geometry, stage_specs
+    from runtime.tensorrt_backend import engine_io
+
+    spec = stage_specs(Geometry(4))["vae_decoder"]
+    trt = SimpleNamespace(TensorIOMode=SimpleNamespace(INPUT="in", OUTPUT="out"), nptype=lambda d: d)
+
+    def engine(tensors):
+        return SimpleNamespace(num_io_tensors=len(tensors), get_tensor_name=lambda i: tensors[i][0],
+                               get_tensor_mode=lambda n: dict((t[0], t[1]) for t in tensors)[n],
+                               get_tensor_dtype=lambda n: dict((t[0], t[2]) for t in tensors)[n],
+                               get_tensor_shape=lambda n: dict((t[0], t[3]) for t in tensors)[n])
+
+    good = [("latent", "in", np.float32, (-1, 4, -1, -1, -1)), ("video", "out", np.float32, (-1, 3, -1, -1, -1))]
+    spec.check_graph(*engine_io(engine(good), trt), where="engines/fp32/vae_decoder.plan")
+    for bad, needle in (([good[0], ("frames", "out", np.float32, (-1, 3, -1, -1, -1))], "no output 'video'"),
+                        ([("latent", "in", np.float16, (-1, 4, -1, -1, -1)), good[1]], "input 'latent' is float16"),
+                        ([("latent", "in", np.float32, (-1, 16, -1, -1, -1)), good[1]], "the manifest says float32")):
+        with pytest.raises(WanError, match=needle):
+            spec.check_graph(*engine_io(engine(bad), trt), where="engines/fp32/vae_decoder.plan")
