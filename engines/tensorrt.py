@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 FLAVOURS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}  # flavour -> module
 STAGE_BATCH = {"vae_encoder": (1, 1, 1), "dit": (1, 2, 2), "vae_decoder": (1, 1, 1),  # CFG: 2
-               "vae_decoder_first": (1, 1, 1), "vae_decoder_step": (1, 1, 1)}
+               "vae_decoder_first": (1, 1, 1), "vae_decoder_step": (1, 1, 1),
+               "text_encoder": (1, 2, 2)}  # prompt and negative prompt
 
 
 @dataclass(frozen=True)

@@ -138,17 +138,8 @@ def export_fp32(cfg: ModelConfig, vae, dit, writer: ArtifactWriter, opset: int) 
     symbols = cfg.symbol_ranges()
     stages: dict[str, Stage] = {}
     for i, (name, module, rel, translations) in enumerate(graphs, 1):
-        t0 = time.perf_counter()
         label = f"[{i}/{len(graphs)}] {name}" + (" (ONNX Runtime kernels)" if translations else "")
-        log.info("%s: exporting", label)
-        export_stage(module, specs[name], symbols, writer.path(rel), opset, translations)
-        check = validate_stage(module, specs[name], writer.path(rel))
-        log.info("%s: max abs err %.2e, rel %.2e (tolerance %.0e) in %.1f s", label, check["max_abs"],
-                 check["max_rel"], check["tolerance"], time.perf_counter() - t0)
-        if not check["passed"]:
-            raise WanError(f"stage {name}: ONNX Runtime differs from PyTorch by "
-                           f"{check['max_rel']:.2e} (relative), above the tolerance "
-                           f"{check['tolerance']:.0e}; nothing was written")
+        check = export_checked(label, module, specs[name], symbols, writer.path(rel), opset, translations)
         if translations is None:
             stages[name] = Stage(specs[name], {"fp32": Artifact("fp32", rel, check)})
         else:
@@ -156,6 +147,22 @@ def export_fp32(cfg: ModelConfig, vae, dit, writer: ArtifactWriter, opset: int) 
             stages[name].artifacts["fp32"] = dataclasses.replace(
                 art, ort_graph={"path": rel, "validation": check, "ops": ORT_GRAPH_OPS})
     return stages
+
+
+def export_checked(label: str, module, spec, symbols, path: Path, opset: int,
+                   translations: dict | None = None) -> dict:
+    """Export one graph, check it against PyTorch at two shapes, and refuse it over tolerance:
+    the one export step of every model family. Returns the validation record."""
+    t0 = time.perf_counter()
+    log.info("%s: exporting", label)
+    export_stage(module, spec, symbols, path, opset, translations)
+    check = validate_stage(module, spec, path)
+    log.info("%s: max abs err %.2e, rel %.2e (tolerance %.0e) in %.1f s", label, check["max_abs"],
+             check["max_rel"], check["tolerance"], time.perf_counter() - t0)
+    if not check["passed"]:
+        raise WanError(f"stage {spec.name}: ONNX Runtime differs from PyTorch by {check['max_rel']:.2e} "
+                       f"(relative), above the tolerance {check['tolerance']:.0e}; nothing was written")
+    return check
 
 
 def _every(samples: list, n: int) -> list:
@@ -245,7 +252,7 @@ def build_reduced(precision: str, manifest: Manifest, root: Path, samples, holdo
             precision, fp32.path, fp32.validation, {"kept": "fp32", "reason": "the streaming decoder runs in fp32"})
 
     # What wan-run runs (ONNX Runtime graphs where built), and the portable graphs TensorRT builds.
-    fp32_pipe = Pipeline(root, manifest, OnnxRuntimeBackend(root, manifest, "fp32"))
+    fp32_pipe = Pipeline.for_manifest(root, manifest, OnnxRuntimeBackend(root, manifest, "fp32"))
     images = [reference_image(s, manifest.video["height"], manifest.video["width"])
               for s in calib.holdout_seeds]
     seeds = list(calib.holdout_seeds)
@@ -256,7 +263,7 @@ def build_reduced(precision: str, manifest: Manifest, root: Path, samples, holdo
         """The reduced pipeline, its portable stage sessions and its end-to-end quality: the
         graphs (fp16 emulations on a CPU) are written and opened once per measurement."""
         with measurable(manifest, root, precision) as m:
-            pipe = Pipeline(root, m, OnnxRuntimeBackend(root, m, precision))
+            pipe = Pipeline.for_manifest(root, m, OnnxRuntimeBackend(root, m, precision))
             portable = portable_stages(root, m, precision, pipe.stages)
         return pipe, portable, quality.end_to_end(fp32_pipe, pipe, images, seeds)
 

@@ -13,12 +13,16 @@ from runtime.manifest import MANIFEST_NAME, sha256_file
 EXAMPLES = """
 \b
 Examples:
+  wan-export --model Wan2.1-T2V-1.3B-Diffusers --out artifacts/wan21-1.3b   # a released checkpoint
+  wan-export --list-models
   wan-export --preset small --out artifacts/small
   wan-export --preset tiny --attention full --out artifacts/tiny-full
   wan-export --config my_model.json --checkpoint my_model.safetensors --out artifacts/mine
   wan-export --preset small --out artifacts/small --force   # rebuild in place
 
-A config JSON holds the fields of a preset (see export/config.py), either in full or as
+--model takes a Wan pipeline folder in the Hugging Face diffusers layout (model_index.json with
+transformer/, vae/, text_encoder/, tokenizer/, scheduler/; safetensors weights). A config JSON
+holds the fields of a preset (see export/config.py), either in full or as
 {"preset": "small", ...overrides}. Weights: --checkpoint (a .safetensors file), else the
 preset's bundled trained weights (small), else seeded initialization (tiny). Each stage is checked against PyTorch in ONNX Runtime; the measured
 errors go into manifest.json, and a stage over its tolerance fails the build.
@@ -27,12 +31,16 @@ errors go into manifest.json, and a stage over its tolerance fails the build.
 
 @click.command(epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"],
                                                   "max_content_width": 100})
+@click.option("--model", "model_dir", type=click.Path(path_type=str),
+              help="A released Wan checkpoint: a diffusers-layout pipeline folder (see --list-models).")
+@click.option("--list-models", is_flag=True, help="Name the released checkpoints --model accepts, with "
+              "their sampling defaults, and exit.")
 @click.option("--preset", help="Named model preset: tiny, small (default), wan2.2-5b (analytic only).")
 @click.option("--config", "config_path", type=click.Path(path_type=str),
               help="Model config JSON (instead of --preset).")
 @click.option("--checkpoint", type=click.Path(path_type=str),
               help="Trained weights (.safetensors only).")
-@click.option("--out", "-o", required=True, type=click.Path(path_type=str),
+@click.option("--out", "-o", type=click.Path(path_type=str),
               help="Artifact directory to create.")
 @click.option("--attention", type=click.Choice(["factorized", "full"]),
               help="Override the DiT attention of the preset/config.")
@@ -61,14 +69,31 @@ errors go into manifest.json, and a stage over its tolerance fails the build.
 @click.option("--force", is_flag=True, help="Replace an existing artifact directory (only one written by "
               "wan-export and holding nothing else; only after the new build has succeeded).")
 @click.option("--debug", is_flag=True, help="Tracebacks and the exporter's own logging.")
-def main(preset, config_path, checkpoint, out, attention, opset, precision_list, int8_float_layers,
-         tensorrt, trt_flavour, min_shape, opt_shape, max_shape, builder_optimization_level,
-         compute_capability, timing_cache, force, debug):
-    """Export the reference model's three stages to validated ONNX graphs and a manifest."""
+def main(model_dir, list_models, preset, config_path, checkpoint, out, attention, opset, precision_list,
+         int8_float_layers, tensorrt, trt_flavour, min_shape, opt_shape, max_shape,
+         builder_optimization_level, compute_capability, timing_cache, force, debug):
+    """Export a model's stages to validated ONNX graphs (and TensorRT engines) with a manifest:
+    a released Wan checkpoint (--model) or this project's own model (--preset / --config)."""
     from export.config import get_preset, load_config
 
+    if list_models:
+        from export.wan.known import table
+
+        click.echo(table())
+        return
+    if out is None:
+        raise WanError("give --out DIR, the artifact directory to write")
     if preset and config_path:
         raise WanError("give --preset or --config, not both")
+    if model_dir is not None:
+        given = [f"--{n}" for n, v in (("preset", preset), ("config", config_path), ("checkpoint", checkpoint),
+                                        ("attention", attention)) if v]
+        if given or int8_float_layers:
+            raise WanError(f"--model is a released checkpoint: {', '.join(given) or '--int8-float-layers'} "
+                           "belongs to the project's own model, not to it")
+        export_released(model_dir, out, force, opset, precision_list, tensorrt, trt_flavour, min_shape,
+                        opt_shape, max_shape, builder_optimization_level, compute_capability, timing_cache)
+        return
     cfg = load_config(config_path) if config_path else get_preset(preset or "small")
     if attention:
         cfg = dataclasses.replace(cfg, dit=dataclasses.replace(cfg.dit, attention=attention))
@@ -81,8 +106,11 @@ def main(preset, config_path, checkpoint, out, attention, opset, precision_list,
     layers = None
     if int8_float_layers:
         layers = () if list(int8_float_layers) == ["none"] else tuple(int8_float_layers)
-    engines = engine_options(cfg, min_shape, opt_shape, max_shape, trt_flavour,
-                             builder_optimization_level, compute_capability, timing_cache) if tensorrt else None
+    v = cfg.video
+    maxima = {"frames": v.max_frames, "height": v.max_height, "width": v.max_width}
+    engines = engine_options(dataclasses.asdict(v), maxima, cfg.geometry.pixels_per_token[0], min_shape,
+                             opt_shape, max_shape, trt_flavour, builder_optimization_level, compute_capability,
+                             timing_cache) if tensorrt else None
     manifest = build_artifacts(cfg, out, checkpoint=checkpoint, force=force, opset=opset,
                                precisions=precisions, int8_float_layers=layers, engines=engines)
     size = sum(f["size"] for f in manifest.files.values()) / 1e6
@@ -101,16 +129,43 @@ def main(preset, config_path, checkpoint, out, attention, opset, precision_list,
                    f"engines: profile {engines.min_shape} / {engines.opt_shape} / {engines.max_shape}")
 
 
-def engine_options(cfg, min_shape, opt_shape, max_shape, flavour, level, targets, timing_cache):
-    """Engine profile shapes from the flags, defaulting around the preset's video."""
+def export_released(model_dir, out, force, opset, precision_list, tensorrt, flavour, min_shape, opt_shape,
+                    max_shape, level, targets, timing_cache) -> None:
+    """--model: a diffusers-layout Wan folder through export/wan/build.py."""
+    try:
+        from export.wan.build import (MAX_VIDEO_FRAMES, MAX_VIDEO_PX, build_wan_artifacts, defaults,
+                                      read_checkpoint, wan_geometry)
+    except ImportError as exc:
+        raise WanError(f"wan-export --model needs diffusers and transformers ({exc.name} is missing): "
+                       "pip install 'wan-export[export]'")
+    precisions = tuple(p.strip() for p in precision_list.split(",") if p.strip())
+    engines = None
+    if tensorrt:
+        ckpt = read_checkpoint(model_dir)
+        _, video, _ = defaults(ckpt)
+        maxima = {"frames": MAX_VIDEO_FRAMES, "height": MAX_VIDEO_PX, "width": MAX_VIDEO_PX}
+        engines = engine_options(video, maxima, wan_geometry(ckpt.vae).pixels_per_token[0], min_shape, opt_shape,
+                                 max_shape, flavour, level, targets, timing_cache)
+    manifest = build_wan_artifacts(model_dir, out, force=force, opset=opset, precisions=precisions,
+                                   engines=engines)
+    size = sum(f["size"] for f in manifest.files.values()) / 1e6
+    release = manifest.model["release"]
+    click.echo(f"wrote {out}: {manifest.model['pipeline']} ({manifest.model['version']}"
+               f"{', like ' + release if release else ''}), {len(manifest.stages)} stages, {size:.1f} MB")
+    click.echo(f"  manifest sha256 {sha256_file(Path(out) / MANIFEST_NAME)}")
+
+
+def engine_options(video: dict, maxima: dict, multiple: int, min_shape, opt_shape, max_shape, flavour, level,
+                   targets, timing_cache):
+    """Engine profile shapes from the flags, defaulting around the default video (frames, height,
+    width) and within the exported `maxima`; sizes stay multiples of the model's pixels per token."""
     from engines.tensorrt import EngineOptions, VideoShape
 
-    v = cfg.video
-    half = lambda n: max(16, n // 2 // 16 * 16)  # noqa: E731 - keep multiples of 16
-    default_min = VideoShape(1, half(v.height), half(v.width))
-    default_opt = VideoShape(v.frames, v.height, v.width)
-    default_max = VideoShape(min(2 * v.frames - 1, v.max_frames), min(2 * v.height, v.max_height),
-                             min(2 * v.width, v.max_width))
+    half = lambda n: max(multiple, n // 2 // multiple * multiple)  # noqa: E731
+    default_min = VideoShape(1, half(video["height"]), half(video["width"]))
+    default_opt = VideoShape(video["frames"], video["height"], video["width"])
+    default_max = VideoShape(min(2 * video["frames"] - 1, maxima["frames"]), min(2 * video["height"], maxima["height"]),
+                             min(2 * video["width"], maxima["width"]))
     return EngineOptions(
         min_shape=VideoShape.parse(min_shape, "--min") if min_shape else default_min,
         opt_shape=VideoShape.parse(opt_shape, "--opt") if opt_shape else default_opt,

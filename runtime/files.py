@@ -250,5 +250,7 @@ def check_writable_dir(folder: Path, what: str) -> None:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as exc:
         raise WanError(f"{what} '{folder}' is not writable ({os_reason(exc)})") from None
-    os.close(fd)
-    os.unlink(probe)
+    try:
+        os.close(fd)
+    finally:  # even when a signal lands here
+        os.unlink(probe)

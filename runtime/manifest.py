@@ -44,6 +44,12 @@ MANIFEST_NAME = "manifest.json"
 VERIFIED_NAME = ".verified"
 FORMAT = "wan-export/1"
 PRECISIONS = ("fp32", "fp16", "int8")
+# The stages each model family's runtime needs (required, optional). Manifests from before the
+# released-model family have no "family": they are the seed's.
+FAMILY_STAGES = {
+    "seed": (STAGE_NAMES, STREAM_STAGE_NAMES),
+    "wan": (("text_encoder", "dit", *STREAM_STAGE_NAMES), ("vae_encoder",)),
+}
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
@@ -115,6 +121,8 @@ class Manifest:
     quality: dict = field(default_factory=dict)  # precision -> per-stage error, end-to-end PSNR
     calibration: dict | None = None  # how calibration data was made (reduced precisions)
     weights: dict = field(default_factory=dict)  # where the weights came from: source, path, sha256
+    family: str = "seed"  # which runtime module conditions the DiT (runtime/seed.py, runtime/wan.py)
+    family_config: dict = field(default_factory=dict)  # that module's settings (wan: text, scheduler)
     format: str = FORMAT
 
     def to_dict(self) -> dict:
@@ -136,6 +144,8 @@ class Manifest:
             "quality": self.quality,
             "calibration": self.calibration,
             "weights": self.weights,
+            "family": self.family,
+            "family_config": self.family_config,
         }
 
     @classmethod
@@ -181,6 +191,8 @@ class Manifest:
             tools=_get(d, "tools", dict), quality=_get(d, "quality", dict, default={}),
             calibration=_get(d, "calibration", dict, default=None),
             weights=_get(d, "weights", dict, default={}), format=_get(d, "format", str),
+            family=_get(d, "family", str, default="seed"),
+            family_config=_get(d, "family_config", dict, default={}),
         )
 
     def precisions(self) -> list[str]:
@@ -302,9 +314,13 @@ def load_manifest(root: str | os.PathLike, verify: str = "auto",
         raise WanError(f"{path} is corrupt ({type(exc).__name__}: {exc}); rebuild with wan-export")
     except Malformed as exc:
         raise WanError(f"{path} is malformed: {exc}; rebuild with wan-export") from None
-    if not set(STAGE_NAMES) <= set(manifest.stages) <= {*STAGE_NAMES, *STREAM_STAGE_NAMES}:
-        raise WanError(f"{path} lists stages {sorted(manifest.stages)}, expected "
-                       f"{list(STAGE_NAMES)} (+ the streaming decoder); rebuild with wan-export")
+    if manifest.family not in FAMILY_STAGES:
+        raise WanError(f"{path} is of model family {manifest.family!r}; this runtime runs "
+                       f"{', '.join(FAMILY_STAGES)} (update wan-export)")
+    required, optional = FAMILY_STAGES[manifest.family]
+    if not set(required) <= set(manifest.stages) <= {*required, *optional}:
+        raise WanError(f"{path} lists stages {sorted(manifest.stages)}, expected {list(required)} (+ "
+                       f"{', '.join(optional)}); rebuild with wan-export")
     check_paths(root, manifest)
     if verify != "none":
         verify_files(root, manifest.files, full=verify == "full")
@@ -323,6 +339,14 @@ def inside(root: Path, rel: str) -> Path:
     if not path.resolve().is_relative_to(real_root):
         raise WanError(f"artifact file '{path}' is a link that leads out of '{root}'; refused")
     return path
+
+
+def listed_file(root: Path, manifest: Manifest, rel, what: str) -> Path:
+    """root/rel for a file a model family reads (a tokenizer): listed, hence verified, and inside."""
+    if not isinstance(rel, str) or rel not in manifest.files:
+        raise WanError(f"{what} {rel!r} is not among the files '{root / MANIFEST_NAME}' lists; refused "
+                       "(rebuild with wan-export)")
+    return inside(root, rel)
 
 
 def check_paths(root: Path, manifest: Manifest) -> None:

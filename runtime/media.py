@@ -48,8 +48,10 @@ MAX_IMAGE_PIXELS = 100_000_000
 MAX_IMAGE_ASPECT = 16
 
 
-def load_image(path: PathLike, height: int, width: int) -> np.ndarray:
-    """Read an image, scale it to cover (height, width), centre-crop, return uint8 (H, W, 3)."""
+def load_image(path: PathLike, height: int, width: int, fit: str = "cover") -> np.ndarray:
+    """Read an image and bring it to (height, width); return uint8 (H, W, 3). `fit`: "cover"
+    scales it to cover the size and takes the centre (bicubic; the seed family), "stretch"
+    resizes it to the size exactly (Lanczos, as diffusers' VaeImageProcessor does)."""
     if height <= 0 or width <= 0:
         raise WanError(f"image size {height}x{width} is invalid; height and width must be > 0")
     path = regular_file(path, "reference image")
@@ -60,7 +62,7 @@ def load_image(path: PathLike, height: int, width: int) -> np.ndarray:
                 raise WanError(f"reference image '{path}' is {w}x{h} pixels: use at most "
                                f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels and an aspect ratio up to "
                                f"{MAX_IMAGE_ASPECT}:1")
-            img.draft("RGB", _cover_size(w, h, height, width))  # JPEG: decode at a reduced scale
+            img.draft("RGB", _cover_size(w, h, height, width) if fit == "cover" else (width, height))  # JPEG
             img.load()  # decode now, so a truncated file fails here and not later
             rgb = img.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
@@ -68,7 +70,22 @@ def load_image(path: PathLike, height: int, width: int) -> np.ndarray:
             f"reference image '{path}' cannot be read as an image: {_short_reason(exc)}"
         ) from exc
     log.debug("loaded %s (%dx%d, %s)", path, rgb.width, rgb.height, img.mode)
+    if fit == "stretch":
+        return resize_exact(np.asarray(rgb, dtype=np.uint8), height, width)
     return np.asarray(_cover_crop(rgb, height, width), dtype=np.uint8)
+
+
+def resize_exact(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 (h, w, 3) -> (height, width, 3) with Pillow's Lanczos, as diffusers resizes a
+    pipeline's image (unchanged when the size already matches)."""
+    if image.shape[:2] == (height, width):
+        return image
+    h, w = image.shape[:2]
+    if h * w > MAX_IMAGE_PIXELS or max(w, h) > MAX_IMAGE_ASPECT * min(w, h):
+        raise WanError(f"image array is {w}x{h} pixels: use at most {MAX_IMAGE_PIXELS // 1_000_000} "
+                       f"megapixels and an aspect ratio up to {MAX_IMAGE_ASPECT}:1")
+    resized = Image.fromarray(image).resize((width, height), Image.Resampling.LANCZOS)
+    return np.asarray(resized, dtype=np.uint8)
 
 
 def _cover_size(w: int, h: int, height: int, width: int) -> tuple[int, int]:

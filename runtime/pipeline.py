@@ -1,21 +1,19 @@
-"""Generate a video from an artifact directory: encode the reference, denoise, decode.
+"""Generate a video from an artifact directory: what every model family shares.
 
-Layered like a small inference API:
-    Pipeline.from_dir(path)                          load + verify the artifacts once
-    pipe.encode_reference(image) -> ref latent       one stage call
-    pipe.motion_maps(image, req) -> maps, motion     where the subject goes (runtime/motion.py)
-    pipe.denoise(ref, maps, noise, ...) -> latent    the flow-matching loop (one DiT call a step)
-    pipe.decode(latent) -> uint8 frames
-    pipe.generate(image, ...) -> Generation          all of it, with per-stage timings
-    pipe(image, ...) -> uint8 frames (T, H, W, 3)    the same, frames only
+    Pipeline.from_dir(path)          load + verify the artifacts once; the manifest's `family`
+                                     picks the pipeline class (runtime/seed.py, runtime/wan.py)
+    pipe.generate(...) -> Generation all of it, with per-stage timings (arguments per family)
+    pipe(...) -> uint8 frames        the same, frames only
 
-User-facing arguments are validated up front (`check_request`) with one-line errors that name
-the value and what is allowed, before any stage runs.
+The family classes condition the DiT; this one holds what they share: the one denoising loop
+(`sample`: a scheduler step per DiT call, NaN/Inf caught per step), the seeded initial noise, the
+video size checks, streaming decode and the timings. Arrays between stages live where the
+backend keeps them (`backend.xp`: numpy for ONNX Runtime, cupy on the GPU for TensorRT).
 """
 
 from __future__ import annotations
 
-import math
+import importlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +24,10 @@ import numpy as np
 from runtime.backends import open_backend
 from runtime.errors import NonFiniteError, WanError
 from runtime.manifest import Manifest, load_manifest
-from runtime.motion import Motion, identity_maps, image_motion_maps
-from runtime.request import MAX_SEED, Request, check_sampler, whole
-from runtime.solvers import SOLVERS, flow_sigmas, guided, rescale_frames, timestep, with_reference_frame
+from runtime.request import whole
 from runtime.stages import STREAM_STAGE_NAMES
+
+FAMILIES = {"seed": "runtime.seed:SeedPipeline", "wan": "runtime.wan:WanPipeline"}
 
 
 @dataclass
@@ -40,10 +38,11 @@ class Timings:
     dit: list[float] = field(default_factory=list)
     decode: float = 0.0
     total: float = 0.0
+    encode_label: str = "encode (reference)"
 
     def table(self) -> str:
         per_step = sum(self.dit) / len(self.dit) if self.dit else 0.0
-        rows = [("encode (reference)", self.encode),
+        rows = [(self.encode_label, self.encode),
                 (f"DiT per step (x{len(self.dit)})", per_step),
                 ("DiT all steps", sum(self.dit)),
                 ("decode", self.decode),
@@ -55,8 +54,8 @@ class Timings:
 class Generation:
     frames: np.ndarray  # uint8 (T, H, W, 3)
     timings: Timings
-    request: Request
-    motion: Motion  # the motion used (the request's, or the one drawn from its seed)
+    request: object  # the family's checked request
+    motion: object = None  # seed: the motion used (the request's, or the one drawn from its seed)
 
 
 def to_unit(frames_uint8: np.ndarray) -> np.ndarray:
@@ -72,9 +71,6 @@ def to_uint8(video: np.ndarray) -> np.ndarray:
 
 
 class Pipeline:
-    """Arrays between stages live where the backend keeps them (`backend.xp`: numpy for ONNX
-    Runtime, cupy on the GPU for TensorRT); only the image goes in and the video comes out."""
-
     def __init__(self, root: Path, manifest: Manifest, backend):
         self.root, self.manifest, self.backend = root, manifest, backend
         self.stages, self.xp = backend.stages, backend.xp
@@ -87,27 +83,24 @@ class Pipeline:
         manifest's pinned sha256) as in `load_manifest`."""
         root = Path(path)
         manifest = load_manifest(root, verify, expect_manifest)
-        return cls(root, manifest, open_backend(backend, root, manifest, precision, threads))
+        return cls.for_manifest(root, manifest, open_backend(backend, root, manifest, precision, threads))
 
-    # -- validation -----------------------------------------------------------------------
+    @staticmethod
+    def for_manifest(root: Path, manifest: Manifest, backend) -> "Pipeline":
+        """The pipeline class of the manifest's model family, over an opened backend."""
+        module, name = FAMILIES[manifest.family].split(":")
+        return getattr(importlib.import_module(module), name)(root, manifest, backend)
 
-    def check_request(self, frames=None, height=None, width=None, steps=None, guidance=None,
-                      shift=None, solver=None, seed=0, guidance_rescale=None,
-                      motion: Motion | None = None) -> Request:
-        """Fill defaults from the manifest and check every value against what the graphs allow
-        (and `motion` against what the model was trained on)."""
+    # -- shared checks ----------------------------------------------------------------------
+
+    def check_video(self, frames, height, width) -> tuple[int, int, int]:
+        """Frames, height and width (None: the manifest's defaults) against what the graphs
+        were exported for; one-line errors naming the value and what is allowed."""
         m, g = self.manifest, self.manifest.geometry
-        video, sampler = m.video, m.sampler
+        video = m.video
         frames = video["frames"] if frames is None else frames
         height = video["height"] if height is None else height
         width = video["width"] if width is None else width
-        steps = sampler["steps"] if steps is None else steps
-        guidance = sampler["guidance"] if guidance is None else guidance
-        if guidance_rescale is None:  # artifacts from before guidance rescale: plain CFG
-            guidance_rescale = sampler.get("guidance_rescale", 0.0)
-        shift = sampler["shift"] if shift is None else shift
-        solver = sampler["solver"] if solver is None else solver
-
         ts = g.temporal_stride
         max_frames = ts * (m.symbols["F"].max - 1) + 1
         frames_rule = f"use {ts}n+1 frames (1, {ts + 1}, {2 * ts + 1}, ...) up to {max_frames}"
@@ -122,110 +115,58 @@ class Pipeline:
             sizes.append(whole(name, size, r.min * mult, r.max * mult, rule))
             if sizes[-1] % mult:
                 raise WanError(f"{name} {size} is not allowed: {rule}")
-        height, width = sizes
-        steps, guidance, guidance_rescale, shift, solver = check_sampler(
-            steps, guidance, guidance_rescale, shift, solver)
-        seed = whole("seed", seed, 0, MAX_SEED)
-        if motion is not None:
-            if not isinstance(motion, Motion):
-                raise WanError(f"motion {motion!r} is not allowed: use runtime.Motion(...) or None")
-            if not self.takes_motion:
-                raise WanError("these artifacts' DiT has no motion input (exported before it existed): "
-                               "re-export them to give a motion")
-            motion.check()
-        return Request(frames, height, width, steps, guidance, guidance_rescale, shift, solver, seed,
-                       motion)
+        return frames, sizes[0], sizes[1]
 
-    # -- stages ---------------------------------------------------------------------------
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, ...]:
+        env = self.manifest.geometry.env(1, frames, height, width)
+        return self.stages["dit"].spec.inputs[0].shape(env)
 
-    def encode_reference(self, image: np.ndarray) -> np.ndarray:
-        """uint8 (H, W, 3) -> normalized reference latent (1, C, 1, h, w), on the backend."""
-        return self.stages["vae_encoder"](video=self.backend.to_device(to_unit(image[None])))["latent"]
+    def seeded_noise(self, seed: int, shape: tuple[int, ...]):
+        """The initial latent noise: same seed, same noise, on every machine and backend."""
+        noise = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+        return self.backend.to_device(noise)  # drawn on the host
 
-    def noise(self, req: Request) -> np.ndarray:
-        """The initial latent noise for a request: same seed, same noise, on every machine."""
-        env = self.manifest.geometry.env(1, req.frames, req.height, req.width)
-        shape = self.stages["dit"].spec.inputs[0].shape(env)
-        noise = np.random.default_rng(req.seed).standard_normal(shape, dtype=np.float32)
-        return self.backend.to_device(noise)  # drawn on the host: the same on every backend
-
-    def check_noise(self, noise, req: Request) -> None:
+    @staticmethod
+    def check_noise(noise, shape: tuple[int, ...]) -> None:
         """A caller's initial latent: float32 of the request's latent shape, finite."""
-        env = self.manifest.geometry.env(1, req.frames, req.height, req.width)
-        shape = self.stages["dit"].spec.inputs[0].shape(env)
         if getattr(noise, "dtype", None) != np.float32 or tuple(noise.shape) != shape:
             raise WanError(f"noise has {getattr(noise, 'dtype', type(noise).__name__)} "
                            f"{tuple(getattr(noise, 'shape', ()))}; expected float32 {shape} for this request")
         if not np.isfinite(noise).all():
             raise NonFiniteError("noise holds NaN or Inf; nothing was generated")
 
-    @property
-    def takes_motion(self) -> bool:
-        """False for artifacts exported before the DiT had a motion input."""
-        return any(t.name == "motion" for t in self.stages["dit"].spec.inputs)
+    # -- the denoising loop ---------------------------------------------------------------------
 
-    def motion_maps(self, image: np.ndarray, req: Request) -> tuple[np.ndarray, Motion]:
-        """The DiT's motion maps (F, 2, 3) for a reference image, and the motion they describe:
-        the request's, or one drawn from its seed (runtime/motion.py)."""
-        return image_motion_maps(image, req.motion, req.seed, req.frames, self.manifest.geometry)
-
-    def dit_condition(self, ref_latent, maps, guidance: float) -> dict:
-        """The DiT's condition inputs for every step, built once per video: `ref_latent` and
-        `motion` (maps (F, 2, 3)). With guidance != 1 the conditional and null branches (all-zero
-        reference latent, identity motion) run as one batch-2 call; each branch's latent frame 0
-        is its reference too (`with_reference_frame`)."""
+    def sample(self, x, schedule, scheduler, velocity: Callable, after_step: Callable | None = None,
+               on_step: Callable[[int, float], None] | None = None, settings: str = ""):
+        """Integrate the flow from `x` along `schedule`: one `velocity(x, i)` (the family's DiT
+        call, with guidance) and one `scheduler.step` per step, `after_step(x)` after each.
+        A NaN/Inf anywhere stops it with one line naming the stage or the sampler and the step."""
         xp = self.xp
-        motion = self.backend.to_device(np.ascontiguousarray(maps[None]))  # (1, F, 2, 3)
-        if guidance != 1.0:
-            ref_latent = xp.concatenate([ref_latent, xp.zeros_like(ref_latent)])
-            still = self.backend.to_device(identity_maps(maps.shape[0])[None])
-            motion = xp.concatenate([motion, still])
-        if not self.takes_motion:
-            return {"ref_latent": ref_latent}
-        return {"ref_latent": ref_latent, "motion": motion}
-
-    def velocity(self, x, sigma: float, condition: dict, guidance: float, rescale: float = 0.0):
-        """One DiT call; `condition` from `dit_condition`; `rescale`: see `solvers.rescale_frames`."""
-        dit, xp = self.stages["dit"], self.xp
-        ref = condition["ref_latent"]
-        batch = ref.shape[0]
-        t = xp.full((batch,), timestep(sigma), dtype=xp.float32)
-        latent = x if batch == 1 else with_reference_frame(xp.concatenate([x] * batch), ref)
-        v = dit(latent=latent, timestep=t, **condition)["velocity"]
-        if batch == 1:
-            return v
-        v_guided = guided(v[:1], v[1:], guidance)
-        return v_guided if rescale == 0.0 else rescale_frames(v_guided, v[:1], x, sigma, rescale)
-
-    def denoise(self, ref_latent: np.ndarray, maps: np.ndarray, noise: np.ndarray, req: Request,
-                on_step: Callable[[int, float], None] | None = None) -> np.ndarray:
-        """Integrate the flow from noise (sigma 1) to a clean latent (sigma 0), with latent
-        frame 0 the clean reference latent throughout (`with_reference_frame`); `maps` from
-        `motion_maps`."""
-        xp = self.xp
-        if not bool(xp.isfinite(noise).all()):
+        if not bool(xp.isfinite(x).all()):
             raise NonFiniteError("the initial latent (the noise) holds NaN or Inf; nothing was written")
-        sigmas = flow_sigmas(req.steps, req.shift)
-        condition = self.dit_condition(ref_latent, maps, req.guidance)  # constant across steps
-        step, x, x0 = SOLVERS[req.solver], with_reference_frame(noise, ref_latent), None
+        steps, state = len(schedule.timesteps), None
         # Overflow in the guidance sum or a solver step is caught below as one line per run,
         # not as numpy's RuntimeWarning followed by a grey video.
         with np.errstate(over="ignore", invalid="ignore"):
-            for i in range(req.steps):
+            for i in range(steps):
                 t0 = time.perf_counter()
-                where = f"at step {i + 1} of {req.steps} (sigma {sigmas[i]:.4g})"
+                where = f"at step {i + 1} of {steps} (sigma {float(schedule.sigmas[i]):.4g})"
                 try:
-                    v = self.velocity(x, float(sigmas[i]), condition, req.guidance, req.guidance_rescale)
+                    v = velocity(x, i)
                 except NonFiniteError as exc:
                     raise NonFiniteError(f"{exc} {where}; nothing was written") from None
-                x, x0 = step(x, v, sigmas, i, x0)
-                x = with_reference_frame(x, ref_latent)
+                x, state = scheduler.step(schedule, i, v, x, state)
+                if after_step is not None:
+                    x = after_step(x)
                 if not bool(xp.isfinite(x).all()):
-                    raise NonFiniteError(f"the sampled latent became NaN or Inf {where}, with guidance "
-                                         f"{req.guidance:g} and shift {req.shift:g}; nothing was written")
+                    raise NonFiniteError(f"the sampled latent became NaN or Inf {where}, {settings}; "
+                                         "nothing was written")
                 if on_step is not None:
                     on_step(i, time.perf_counter() - t0)
         return x
+
+    # -- decoding ---------------------------------------------------------------------------
 
     @property
     def can_stream(self) -> bool:
@@ -252,53 +193,10 @@ class Pipeline:
             return np.concatenate(list(self.decode_stream(latent)), axis=2)
         return self.backend.to_host(self.stages["vae_decoder"](latent=latent)["video"])
 
-    # -- whole generation -------------------------------------------------------------------
-
-    def generate(self, image: np.ndarray | str | Path, frames=None, height=None, width=None,
-                 steps=None, guidance=None, shift=None, solver=None, seed=0,
-                 guidance_rescale=None, motion: Motion | None = None, noise: np.ndarray | None = None,
-                 on_step: Callable[[int, float], None] | None = None) -> Generation:
-        """image: uint8 (H, W, 3) at the requested size, or an image file (resized and
-        centre-cropped to it). `motion`: where the subject goes (None: drawn from the seed;
-        `Motion()`: it stays in place). `noise` overrides the seeded initial latent (for
-        parity tests)."""
-        req = self.check_request(frames, height, width, steps, guidance, shift, solver, seed,
-                                 guidance_rescale, motion)
-        if isinstance(image, (str, Path)):
-            from runtime.media import load_image
-
-            image = load_image(image, req.height, req.width)
-        if image.dtype != np.uint8 or image.shape != (req.height, req.width, 3):
-            raise WanError(f"reference image array has {image.dtype} {image.shape}; expected "
-                           f"uint8 ({req.height}, {req.width}, 3)")
-        if noise is not None:
-            self.check_noise(noise, req)
-        timings = Timings()
-        maps, motion = self.motion_maps(image, req)
-        frames_out = np.concatenate(list(self.generate_chunks(image, req, timings, noise, on_step, maps)))
-        return Generation(frames_out, timings, req, motion)
-
-    def generate_chunks(self, image: np.ndarray, req: Request, timings: Timings,
-                        noise: np.ndarray | None = None,
-                        on_step: Callable[[int, float], None] | None = None,
-                        maps: np.ndarray | None = None) -> Iterator[np.ndarray]:
-        """Like `generate` for a checked request and a prepared image, but yields uint8 frame
-        chunks (n, H, W, 3) as the decoder makes them, so a writer can consume them at once.
-        `timings` is filled in as it goes (`total` once the last chunk is out). `maps`: from
-        `motion_maps`, for a caller that already has them (found here otherwise)."""
-        t_start = time.perf_counter()
-        ref_latent = self.encode_reference(image)
-        timings.encode = time.perf_counter() - t_start
-        noise = self.noise(req) if noise is None else self.backend.to_device(noise)
-
-        def record(i: int, seconds: float) -> None:
-            timings.dit.append(seconds)
-            if on_step is not None:
-                on_step(i, seconds)
-
-        maps = self.motion_maps(image, req)[0] if maps is None else maps
-        latent = self.denoise(ref_latent, maps, noise, req, record)
-        consumer = 0.0  # time spent outside this generator, by whoever takes the chunks
+    def frames_out(self, latent, timings: Timings, t_start: float) -> Iterator[np.ndarray]:
+        """uint8 frame chunks (n, H, W, 3) as the decoder makes them, filling in `timings`
+        (decode, and total since `t_start`, without the time the consumer took)."""
+        consumer = 0.0
         chunks = self.decode_stream(latent) if self.can_stream else iter([self.decode_video(latent)])
         t0 = time.perf_counter()
         for chunk in chunks:
@@ -309,6 +207,15 @@ class Pipeline:
         timings.decode = time.perf_counter() - t0 - consumer
         timings.total = time.perf_counter() - t_start - consumer
 
-    def __call__(self, image, **kwargs) -> np.ndarray:
-        """Generate and return uint8 frames (T, H, W, 3); see `generate` for the arguments."""
-        return self.generate(image, **kwargs).frames
+    @staticmethod
+    def recorder(timings: Timings, on_step: Callable[[int, float], None] | None) -> Callable[[int, float], None]:
+        def record(i: int, seconds: float) -> None:
+            timings.dit.append(seconds)
+            if on_step is not None:
+                on_step(i, seconds)
+
+        return record
+
+    def __call__(self, *args, **kwargs) -> np.ndarray:
+        """Generate and return uint8 frames (T, H, W, 3); see the family's `generate`."""
+        return self.generate(*args, **kwargs).frames

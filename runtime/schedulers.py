@@ -225,6 +225,24 @@ class FlowMatchEuler:
 
 
 SCHEDULERS = {cls.name: cls for cls in (FlowUniPC, FlowMatchEuler)}
+# `wan-run --scheduler`: swap the checkpoint's scheduler as diffusers users do
+# (`pipe.scheduler = UniPCMultistepScheduler.from_config(...)`); the other one gets the settings
+# Wan's releases use (the shift is the request's either way).
+SHORT_NAMES = {"unipc": FlowUniPC.name, "euler": FlowMatchEuler.name}
+RELEASE_CONFIGS = {
+    FlowUniPC.name: {"_class_name": FlowUniPC.name, "prediction_type": "flow_prediction",
+                     "use_flow_sigmas": True, "solver_order": 2, "num_train_timesteps": 1000},
+    FlowMatchEuler.name: {"_class_name": FlowMatchEuler.name, "num_train_timesteps": 1000},
+}
+
+
+def with_override(config: dict, short_name: str | None) -> dict:
+    """The checkpoint's scheduler config, or the named scheduler's release config instead."""
+    if short_name is None or SHORT_NAMES.get(short_name) == config.get("_class_name"):
+        return config
+    if short_name not in SHORT_NAMES:
+        raise WanError(f"scheduler {short_name!r} is not allowed: use one of {', '.join(SHORT_NAMES)}")
+    return RELEASE_CONFIGS[SHORT_NAMES[short_name]]
 
 
 def from_config(config: dict) -> FlowUniPC | FlowMatchEuler:

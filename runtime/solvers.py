@@ -11,8 +11,11 @@ both sides equal to the last bit for the same inputs.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
+
+from runtime.schedulers import Schedule
 
 
 def flow_sigmas(steps: int, shift: float) -> np.ndarray:
@@ -89,3 +92,19 @@ def rescale_frames(v: np.ndarray, v_cond: np.ndarray, x: np.ndarray, sigma: floa
     x0_c = x - sigma * v_cond
     r = x0_c.std(axis=(1, 3, 4), keepdims=True) / x0_g.std(axis=(1, 3, 4), keepdims=True)  # (B, 1, F, 1, 1)
     return v - (rescale / sigma) * (r - 1) * x0_g
+
+
+@dataclass(frozen=True)
+class SeedSolver:
+    """The seed family's solvers in the schedulers' form (runtime/schedulers.py), so both
+    families run through one loop: `schedule(steps, shift)` then `step(schedule, i, v, x, x0)`,
+    the state being the previous step's clean estimate (DPM-Solver++(2M)'s history)."""
+
+    name: str  # "euler" or "dpm++2m"
+
+    def schedule(self, steps: int, shift: float) -> Schedule:
+        sigmas = flow_sigmas(steps, shift)  # float64, like the PyTorch reference
+        return Schedule(np.array([timestep(float(s)) for s in sigmas[:-1]]), sigmas)
+
+    def step(self, schedule: Schedule, i: int, v, x, prev_x0):
+        return SOLVERS[self.name](x, v, schedule.sigmas, i, prev_x0)

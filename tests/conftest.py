@@ -116,3 +116,35 @@ def fake_stages(monkeypatch, build_mod, on_export=None):
     monkeypatch.setattr(build_mod, "export_stage", export_stage)
     monkeypatch.setattr(build_mod, "validate_stage", lambda *a, **k: {
         "passed": True, "max_abs": 0.0, "max_rel": 0.0, "tolerance": 1e-4})
+
+
+@pytest.fixture(scope="session")
+def wan_folder(tmp_path_factory):
+    """version ("wan2.1" T2V, "wan2.2" TI2V-5B) -> a tiny diffusers-layout pipeline folder."""
+    from tests.wan_tiny import save_pipeline
+
+    made = {}
+
+    def get(version: str):
+        if version not in made:
+            made[version] = save_pipeline(tmp_path_factory.mktemp("wan-folders") / f"tiny-{version}", version)
+        return made[version]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def wan_artifacts(tmp_path_factory, wan_folder):
+    """version -> `wan-export --model FOLDER --out DIR` run as a user would, once per session."""
+    built = {}
+
+    def get(version: str):
+        if version not in built:
+            out = tmp_path_factory.mktemp("wan-artifacts") / f"tiny-{version}"
+            r = run_cli("wan-export", "--model", wan_folder(version), "--out", out)
+            assert r.returncode == 0, r.stderr
+            built[version] = (out, r)
+        return built[version][0]
+
+    get.result = lambda version: built[version][1]
+    return get

@@ -201,7 +201,8 @@ def start(*args) -> subprocess.Popen:
 
 
 def hidden(folder):
-    return [p for p in folder.iterdir() if p.name.startswith(".")]
+    """Partial outputs being written (not the short-lived probe of the writability check)."""
+    return [p for p in folder.iterdir() if ".partial." in p.name]
 
 
 def test_terminated_and_killed_runs_leave_nothing(tiny_dir, ref_png, tmp_path):

@@ -100,7 +100,7 @@ def test_artifacts_without_a_motion_input_still_run(tiny_dir, reference_image, m
     maps, _ = pipe.motion_maps(reference_image, req)
     ref = pipe.encode_reference(reference_image)
     assert set(pipe.dit_condition(ref, maps, 2.0)) == {"ref_latent", "motion"}
-    monkeypatch.setattr(Pipeline, "takes_motion", property(lambda self: False))
+    monkeypatch.setattr(type(pipe), "takes_motion", property(lambda self: False))
     assert set(pipe.dit_condition(ref, maps, 2.0)) == {"ref_latent"}
     with pytest.raises(WanError, match="no motion input"):
         pipe.check_request(motion=M.Motion())
