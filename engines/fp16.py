@@ -37,9 +37,11 @@ RANGE_LIMIT = FP16_MAX / 8
 ALWAYS_FP32 = ("condition_embedder", "patch_embedding", "proj_out")
 
 
-def choose_fp16_nodes(model: onnx.ModelProto, ranges: dict[str, float]) -> tuple[set[str], dict]:
-    """The nodes that run in fp16, and why each other heavy node stays fp32."""
-    always = set(graph.nodes_matching(model, list(ALWAYS_FP32)))
+def choose_fp16_nodes(model: onnx.ModelProto, ranges: dict[str, float],
+                      always_fp32: tuple[str, ...] = ALWAYS_FP32) -> tuple[set[str], dict]:
+    """The nodes that run in fp16, and why each other heavy node stays fp32 (`always_fp32`:
+    module-path patterns kept fp32 whatever their range; each model family names its own)."""
+    always = set(graph.nodes_matching(model, list(always_fp32)))
     chosen, reasons, too_large = set(), Counter(), []
     for node in model.graph.node:
         if node.op_type not in FP16_OPS:
@@ -107,11 +109,12 @@ def _live(nodes: list, outputs: set[str]) -> list:
     return keep[::-1]
 
 
-def convert(src: Path, dst: Path, samples: list[dict[str, np.ndarray]]) -> dict:
+def convert(src: Path, dst: Path, samples: list[dict[str, np.ndarray]],
+            always_fp32: tuple[str, ...] = ALWAYS_FP32) -> dict:
     """Write the mixed-precision graph of `src` to `dst`; returns what stayed fp32 and why."""
     ranges = graph.activation_ranges(src, samples)
     model = graph.load(src)
-    fp16_nodes, report = choose_fp16_nodes(model, ranges)
+    fp16_nodes, report = choose_fp16_nodes(model, ranges, always_fp32)
     graph.save(to_mixed_precision(model, fp16_nodes), dst)
     log.debug("fp16 %s: %d nodes in fp16", dst.name, len(fp16_nodes))
     return {

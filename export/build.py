@@ -206,7 +206,7 @@ def measurable(manifest: Manifest, root: Path, precision: str):
         yield manifest
         return
     stages, written = dict(manifest.stages), []
-    for name in STAGE_NAMES:
+    for name in manifest.stages:
         art = stages[name].artifacts[precision]
         if not art.path.startswith(f"onnx/{precision}/"):
             continue  # kept fp32

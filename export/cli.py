@@ -116,8 +116,11 @@ def main(model_dir, list_models, preset, config_path, checkpoint, out, attention
     size = sum(f["size"] for f in manifest.files.values()) / 1e6
     click.echo(f"wrote {out}: {cfg.name} ({cfg.dit.attention} attention, {manifest.weights['source']} "
                f"weights), {len(manifest.stages)} stages at {', '.join(manifest.precisions())}, {size:.1f} MB")
-    # For deployments that pin the artifacts: wan-run --expect-manifest SHA256.
-    click.echo(f"  manifest sha256 {sha256_file(Path(out) / MANIFEST_NAME)}")
+    report(manifest, out, engines)
+
+
+def report(manifest, out, engines) -> None:
+    """The quality of each reduced precision, the engines, and the manifest's sha256."""
     for p, q in manifest.quality.items():
         stages = ", ".join(f"{n} {e:.1e}" for n, e in q["stage_max_rel"].items())
         click.echo(f"  {p}: {q['psnr_db']:.1f} dB vs fp32 (bar {q['bar_db']:g}), VAE {q['vae']}; "
@@ -127,6 +130,8 @@ def main(model_dir, list_models, preset, config_path, checkpoint, out, attention
     if engines is not None:
         click.echo(f"  TensorRT ({manifest.tools['tensorrt_flavour']} {manifest.tools['tensorrt']}) "
                    f"engines: profile {engines.min_shape} / {engines.opt_shape} / {engines.max_shape}")
+    # For deployments that pin the artifacts: wan-run --expect-manifest SHA256.
+    click.echo(f"  manifest sha256 {sha256_file(Path(out) / MANIFEST_NAME)}")
 
 
 def export_released(model_dir, out, force, opset, precision_list, tensorrt, flavour, min_shape, opt_shape,
@@ -151,8 +156,9 @@ def export_released(model_dir, out, force, opset, precision_list, tensorrt, flav
     size = sum(f["size"] for f in manifest.files.values()) / 1e6
     release = manifest.model["release"]
     click.echo(f"wrote {out}: {manifest.model['pipeline']} ({manifest.model['version']}"
-               f"{', like ' + release if release else ''}), {len(manifest.stages)} stages, {size:.1f} MB")
-    click.echo(f"  manifest sha256 {sha256_file(Path(out) / MANIFEST_NAME)}")
+               f"{', like ' + release if release else ''}), {len(manifest.stages)} stages at "
+               f"{', '.join(manifest.precisions())}, {size:.1f} MB")
+    report(manifest, out, engines)
 
 
 def engine_options(video: dict, maxima: dict, multiple: int, min_shape, opt_shape, max_shape, flavour, level,

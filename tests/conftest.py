@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import logging
 import subprocess
 import sys
@@ -12,7 +13,12 @@ import numpy as np
 import pytest
 
 from engines.quality import psnr  # noqa: F401 - re-exported for the tests
+from engines.tensorrt import EngineOptions, VideoShape
 from export.config import PRESETS, ModelConfig
+
+# CI installs tensorrt-rtx, which builds real engines without a GPU.
+HAVE_TRT_BUILDER = any(importlib.util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx"))
+ENGINE_SHAPES = EngineOptions(VideoShape(1, 32, 32), VideoShape(9, 64, 64), VideoShape(17, 128, 128))
 
 
 def tiny_config(attention: str = "factorized") -> ModelConfig:
@@ -59,8 +65,12 @@ def exported(tmp_path_factory, request):
                 result, out = request.getfixturevalue("cli_export")
                 assert result.returncode == 0, result.stderr
             else:
+                # One build serves every test of the factorized tiny model: fp32 graphs, the fp16
+                # and int8 ones with their quality report, and TensorRT engines where a builder is
+                # installed (exporting fp32 once instead of twice keeps the suite's budget).
                 out = tmp_path_factory.mktemp("artifacts") / f"tiny-{attention}"
-                build_artifacts(tiny_config(attention), out)
+                build_artifacts(tiny_config(attention), out, precisions=("fp16", "int8"),
+                                engines=ENGINE_SHAPES if HAVE_TRT_BUILDER else None)
             built[attention] = out
         return built[attention]
 
@@ -141,7 +151,11 @@ def wan_artifacts(tmp_path_factory, wan_folder):
     def get(version: str):
         if version not in built:
             out = tmp_path_factory.mktemp("wan-artifacts") / f"tiny-{version}"
-            r = run_cli("wan-export", "--model", wan_folder(version), "--out", out)
+            # Wan2.1 also at fp16/int8 with engines (one export serves all its tests)
+            extra = ["--precision", "fp16,int8"] if version == "wan2.1" else []
+            if version == "wan2.1" and HAVE_TRT_BUILDER:
+                extra += ["--tensorrt", "--min", "1x32x32", "--opt", "9x32x32", "--max", "17x64x64"]
+            r = run_cli("wan-export", "--model", wan_folder(version), "--out", out, *extra)
             assert r.returncode == 0, r.stderr
             built[version] = (out, r)
         return built[version][0]

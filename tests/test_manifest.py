@@ -31,7 +31,8 @@ def test_unchanged_directory_is_not_rehashed(copy, monkeypatch):
     calls = count_hashes(monkeypatch)
     load_manifest(copy)  # a copy has new inodes: hashed once, then recorded
     first = len(calls)
-    assert first == 12  # 5 stage graphs + the DiT's ONNX Runtime graph, and their weights
+    # every graph, its weights and the engines: each hashed once
+    assert first == len(load_manifest(copy, verify="none").files) >= 12
     load_manifest(copy)
     assert len(calls) == first  # the stat cache says nothing changed
     load_manifest(copy, verify="full")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 
@@ -12,27 +11,18 @@ import pytest
 from onnx import numpy_helper
 
 from engines import graph
-from engines.tensorrt import EngineOptions, VideoShape
 from runtime import Pipeline
 from runtime.errors import WanError
 from runtime.manifest import load_manifest
 from runtime.tensorrt_backend import check_engines, check_profile, engines_of
-from tests.conftest import psnr, tiny_config
-
-HAVE_TRT_BUILDER = any(importlib.util.find_spec(m) for m in ("tensorrt", "tensorrt_rtx"))
-ENGINE_SHAPES = EngineOptions(VideoShape(1, 32, 32), VideoShape(9, 64, 64), VideoShape(17, 128, 128))
+from tests.conftest import HAVE_TRT_BUILDER, psnr, tiny_config
 
 
 @pytest.fixture(scope="session")
-def reduced_dir(tmp_path_factory):
-    """tiny at fp32, fp16 and int8, with TensorRT engines when a builder is installed (CI
-    installs tensorrt-rtx, which builds real engines without a GPU)."""
-    from export.build import build_artifacts
-
-    out = tmp_path_factory.mktemp("reduced") / "tiny"
-    build_artifacts(tiny_config(), out, precisions=("fp16", "int8"),
-                    engines=ENGINE_SHAPES if HAVE_TRT_BUILDER else None)
-    return out
+def reduced_dir(tiny_dir):
+    """tiny at fp32, fp16 and int8, with TensorRT engines when a builder is installed (the
+    session's tiny build, conftest.py)."""
+    return tiny_dir
 
 
 @pytest.fixture(scope="session")

@@ -10,15 +10,21 @@ and the scheduler config travel in the artifact directory for the runtime.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from engines import fp16, int8, quality
 from engines.artifacts import ArtifactWriter
 from engines.tensorrt import EngineOptions, resolve_flavour, symbol_profile
-from export.build import build_engines, engine_tools, export_checked, tool_versions
+from export.build import (FP16_EMULATION_NOTE, RANGE_SAMPLES, _every, build_engines, emulating_fp16, engine_tools,
+                          export_checked, measurable, tool_versions)
 from export.onnx_export import DEFAULT_OPSET
 from export.wan import known
 from export.wan.checkpoint import (MAX_SEQUENCE_LENGTH, WanCheckpoint, load_text_encoder, load_transformer,
@@ -26,7 +32,10 @@ from export.wan.checkpoint import (MAX_SEQUENCE_LENGTH, WanCheckpoint, load_text
 from export.wan.stages import (DecoderFirstStage, DecoderStepStage, DiTStage, ImageEncoderStage,
                                TextEncoderStage, decoder_cache_layout, wan_geometry, wan_stage_specs)
 from runtime.errors import WanError
+from runtime.backends import OnnxRuntimeBackend, available_providers
+from runtime.errors import NonFiniteError
 from runtime.manifest import PRECISIONS, Artifact, Manifest, Stage
+from runtime.pipeline import Pipeline
 from runtime.stages import SymbolRange
 
 log = logging.getLogger(__name__)
@@ -68,10 +77,7 @@ def build_wan_artifacts(model_dir: str | Path, out: str | Path, force: bool = Fa
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown:
         raise WanError(f"precision {unknown[0]!r} is not one of {', '.join(PRECISIONS)}")
-    reduced = [p for p in precisions if p != "fp32"]
-    if reduced:
-        raise WanError(f"--precision {','.join(reduced)} is not built for released Wan models yet: "
-                       "export fp32 (the default)")
+    precisions = tuple(p for p in PRECISIONS if p in precisions or p == "fp32")  # fp32 is the base
     sampler, video, release = defaults(ckpt)
     symbols = symbol_ranges(ckpt, video)
     geom = wan_geometry(ckpt.vae)
@@ -99,8 +105,18 @@ def build_wan_artifacts(model_dir: str | Path, out: str | Path, force: bool = Fa
                 "takes_image": ckpt.takes_image, "negative_prompt": "",
             },
         )
+        reduced = [p for p in precisions if p != "fp32"]
+        if reduced:
+            # The runtime reads only listed files (the tokenizer); the writer lists and hashes
+            # them at commit, so the build's own pipelines get the staged names listed now.
+            manifest = dataclasses.replace(manifest, files={TOKENIZER: {"sha256": "", "size": 0}})
+            calib = WanCalibration.for_manifest(manifest)
+            samples = capture(manifest, writer.staging, calib, calib.seeds)
+            manifest = dataclasses.replace(manifest, calibration={**calib.to_dict(), "dit_calls": len(samples["dit"])})
+            for p in reduced:
+                manifest.quality[p] = build_reduced(p, manifest, writer.staging, samples, calib)
         if engines is not None:
-            build_engines(manifest, writer.staging, engines, ("fp32",))
+            build_engines(manifest, writer.staging, engines, precisions)
             manifest.tools.update(engine_tools(manifest))
         return writer.commit(manifest)
 
@@ -139,3 +155,133 @@ def export_stages(ckpt: WanCheckpoint, writer: ArtifactWriter, symbols, opset: i
     gc.collect()
     log.info("exported %d stages in %.1f s", len(stages), time.perf_counter() - t0)
     return {name: stages[name] for name in stage_names}, latent
+
+
+# --- reduced precision ----------------------------------------------------------------------------
+
+# Which stages each precision reduces. The VAE stays fp32 at every precision, as every released
+# Wan runtime keeps it; the text encoder runs once per video, so int8 would save nothing that
+# matters and costs T5 accuracy: it stays fp32 there, and gets fp16 with measured-range fp32
+# islands (T5's feed-forward activations overflow fp16: the islands are chosen from the ranges
+# measured on the calibration prompts).
+REDUCED_STAGES = {"fp16": ("text_encoder", "dit"), "int8": ("dit",)}
+# Module paths (the wrappers nest diffusers' transformer as `transformer.`) kept out of the
+# reduced precision: the DiT's embedders, patch embedding and head, and in int8 its
+# cross-attentions, as the seed family's defaults (engines/int8.py) for the same reasons.
+FP16_ALWAYS_FP32 = ("transformer.condition_embedder", "transformer.patch_embedding", "transformer.proj_out")
+INT8_FLOAT_LAYERS = (*FP16_ALWAYS_FP32, "transformer.blocks.*.attn2")
+CALIBRATION_PROMPTS = ("a cat walks along a sunny garden wall", "waves roll onto a sandy beach at sunset",
+                       "a red car drives down a city street at night", "snow falls on a quiet mountain village",
+                       "a child flies a kite in a green park", "fireworks burst over a river")
+
+
+@dataclass(frozen=True)
+class WanCalibration:
+    """Calibration runs: the fp32 runtime on a few prompts and seeds at a small video (every DiT
+    call of every step is captured), and held-out prompts/seeds for the quality report."""
+
+    frames: int
+    height: int
+    width: int
+    steps: int
+    seeds: tuple[int, ...] = (0, 1, 2, 3)
+    holdout_seeds: tuple[int, ...] = (4, 5)
+
+    @classmethod
+    def for_manifest(cls, manifest: Manifest) -> "WanCalibration":
+        """The default video, capped so calibration stays minutes on a CPU (17 frames, 256 px)."""
+        v, mult = manifest.video, manifest.geometry.pixels_per_token[0]
+        cap = lambda n: max(mult, min(n, 256) // mult * mult)  # noqa: E731
+        return cls(min(v["frames"], 17), cap(v["height"]), cap(v["width"]), min(manifest.sampler["steps"], 20))
+
+    def request(self, seed: int) -> dict:
+        return {"prompt": CALIBRATION_PROMPTS[seed % len(CALIBRATION_PROMPTS)], "frames": self.frames,
+                "height": self.height, "width": self.width, "steps": self.steps, "seed": seed}
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "source": "the fp32 runtime's own trajectories",
+                "prompts": [self.request(s)["prompt"] for s in self.seeds]}
+
+
+class _Recorder:
+    """A stage that keeps a host copy of every input it is called with."""
+
+    def __init__(self, stage):
+        self.stage, self.samples = stage, []
+
+    def __call__(self, **inputs):
+        self.samples.append({k: np.array(v) for k, v in inputs.items()})
+        return self.stage(**inputs)
+
+    def __getattr__(self, name):
+        return getattr(self.stage, name)
+
+
+def capture(manifest: Manifest, root: Path, calib: WanCalibration, seeds) -> dict[str, list]:
+    """Stage inputs of the fp32 runtime generating the calibration requests."""
+    pipe = Pipeline.for_manifest(root, manifest, OnnxRuntimeBackend(root, manifest, "fp32"))
+    stages = sorted({n for names in REDUCED_STAGES.values() for n in names})
+    recorders = {n: _Recorder(pipe.stages[n]) for n in stages}
+    pipe.stages.update(recorders)
+    t0 = time.perf_counter()
+    for seed in seeds:
+        pipe.generate(**calib.request(seed))
+    log.info("calibration: %d prompts, %d DiT calls in %.1f s", len(seeds), len(recorders["dit"].samples),
+             time.perf_counter() - t0)
+    return {n: r.samples for n, r in recorders.items()}
+
+
+def build_reduced(precision: str, manifest: Manifest, root: Path, samples: dict, calib: WanCalibration) -> dict:
+    """Write `precision` graphs of the stages it reduces (the others keep their fp32 graph), and
+    measure them against fp32 on held-out prompts. Returns the quality record."""
+    t0 = time.perf_counter()
+    for name, stage in manifest.stages.items():
+        fp32 = stage.artifacts["fp32"]
+        if name not in REDUCED_STAGES[precision]:
+            why = "the VAE stays fp32" if name.startswith("vae") else "runs once per video"
+            stage.artifacts[precision] = Artifact(precision, fp32.path, fp32.validation,
+                                                  {"kept": "fp32", "reason": why})
+            continue
+        rel = f"onnx/{precision}/{name}.onnx"
+        if precision == "fp16":
+            details = fp16.convert(root / fp32.path, root / rel, _every(samples[name], RANGE_SAMPLES), FP16_ALWAYS_FP32)
+        else:
+            details = int8.quantize(root / fp32.path, root / rel, samples[name], INT8_FLOAT_LAYERS)
+        stage.artifacts[precision] = Artifact(precision, rel, {}, details)
+    fp32_pipe = Pipeline.for_manifest(root, manifest, OnnxRuntimeBackend(root, manifest, "fp32"))
+    held = {n: _Recorder(fp32_pipe.stages[n]) for n in REDUCED_STAGES[precision]}  # held-out stage inputs
+    fp32_pipe.stages.update(held)
+    with measurable(manifest, root, precision) as m:
+        pipe = Pipeline.for_manifest(root, m, OnnxRuntimeBackend(root, m, precision))
+    scores, finite = [], True
+    for seed in calib.holdout_seeds:
+        want = fp32_pipe.generate(**calib.request(seed)).frames
+        try:
+            scores.append(quality.psnr(want, pipe.generate(**calib.request(seed)).frames))
+        except NonFiniteError:
+            finite = False
+    metric = "max_abs / max|fp32|, held-out inputs"
+    for name, recorder in held.items():
+        err = quality.stage_error(recorder.stage, pipe.stages[name], _every(recorder.samples, 12))
+        art = manifest.stages[name].artifacts[precision]
+        manifest.stages[name].artifacts[precision] = dataclasses.replace(art, validation={**err, "metric": metric})
+    bar = quality.PSNR_BARS_DB[precision]
+    psnr = min(scores) if scores else float("nan")
+    record = {
+        "psnr_db": psnr, "psnr_db_each": scores, "bar_db": bar, "finite": finite,
+        "vae": "fp32 (the VAE stays fp32 at every precision)",
+        "stage_max_rel": {n: manifest.stages[n].artifacts[precision].validation["max_rel"]
+                          for n in REDUCED_STAGES[precision]},
+        "providers": available_providers(),
+        **({"note": FP16_EMULATION_NOTE} if emulating_fp16(precision) else {}),
+        "measured_on": {**{k: v for k, v in calib.request(0).items() if k not in ("prompt", "seed")},
+                        "seeds": list(calib.holdout_seeds)},
+    }
+    log.info("%s: end-to-end PSNR vs fp32 %.1f dB (bar %g), stage rel err %s, in %.1f s", precision, psnr, bar,
+             ", ".join(f"{n} {v:.1e}" for n, v in record["stage_max_rel"].items()), time.perf_counter() - t0)
+    if not finite:
+        raise WanError(f"{precision}: the {precision} build produced NaN/Inf; nothing was written")
+    if psnr < bar:
+        raise WanError(f"{precision}: end-to-end PSNR vs fp32 is {psnr:.1f} dB, below the bar of {bar:g} dB; "
+                       "nothing was written")
+    return record
