@@ -71,8 +71,15 @@ def main(out: Path, layers: int):
     if r.returncode != 0:
         raise SystemExit(r.stderr[-2000:])
     largest = max(params.values()) * 4 / 2**20
+    # What the export's process holds before any weight: its imports (torch, diffusers, ONNX ...).
+    imports = subprocess.run([sys.executable, "-c", "import export.wan.build, export.cli, diffusers, transformers; "
+                              "print(next(int(l.split()[1]) for l in open('/proc/self/status') "
+                              "if l.startswith('VmHWM')))"], capture_output=True, text=True, check=True)
+    baseline = int(imports.stdout.split()[-1]) / 1024
     record = {**params, "layers": layers, "export_s": round(seconds, 1), "peak_rss_mb": round(peak_mb),
-              "largest_component_fp32_mb": round(largest), "peak_over_largest": round(peak_mb / largest, 2),
+              "imports_rss_mb": round(baseline), "largest_component_fp32_mb": round(largest),
+              "peak_over_largest": round(peak_mb / largest, 2),
+              "peak_above_imports_over_largest": round((peak_mb - baseline) / largest, 2),
               "stage_log": [line for line in r.stderr.splitlines() if "max abs err" in line]}
     (out / "wan_scale.json").write_text(json.dumps(record, indent=2))
     click.echo(json.dumps({k: v for k, v in record.items() if k != "stage_log"}, indent=2))

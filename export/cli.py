@@ -102,7 +102,7 @@ def main(model_dir, list_models, preset, config_path, checkpoint, out, attention
     except ImportError as exc:
         raise WanError(f"wan-export needs the build tools ({exc.name} is missing): "
                        "pip install 'wan-export[export]'")
-    precisions = tuple(p.strip() for p in precision_list.split(",") if p.strip())
+    precisions = parse_precisions(precision_list)
     layers = None
     if int8_float_layers:
         layers = () if list(int8_float_layers) == ["none"] else tuple(int8_float_layers)
@@ -117,6 +117,11 @@ def main(model_dir, list_models, preset, config_path, checkpoint, out, attention
     click.echo(f"wrote {out}: {cfg.name} ({cfg.dit.attention} attention, {manifest.weights['source']} "
                f"weights), {len(manifest.stages)} stages at {', '.join(manifest.precisions())}, {size:.1f} MB")
     report(manifest, out, engines)
+
+
+def parse_precisions(text: str) -> tuple[str, ...]:
+    """'fp32,fp16, int8' -> ('fp32', 'fp16', 'int8'); the builds check the names."""
+    return tuple(p.strip() for p in text.split(",") if p.strip())
 
 
 def report(manifest, out, engines) -> None:
@@ -143,7 +148,7 @@ def export_released(model_dir, out, force, opset, precision_list, tensorrt, flav
     except ImportError as exc:
         raise WanError(f"wan-export --model needs diffusers and transformers ({exc.name} is missing): "
                        "pip install 'wan-export[export]'")
-    precisions = tuple(p.strip() for p in precision_list.split(",") if p.strip())
+    precisions = parse_precisions(precision_list)
     engines = None
     if tensorrt:
         ckpt = read_checkpoint(model_dir)

@@ -119,7 +119,6 @@ BAD = {
     "malformed pinned manifest": (["--expect-manifest", "abc"], ["'abc'", "64 hex digits"]),
     "non-number": (["--steps", "ten"], ["'ten' is not a valid integer"]),
     "bad solver": (["--solver", "rk4"], ["rk4"]),
-    "bad precision": (["--precision", "int8"], ["int8", "not built"]),
     "bad output format": (["-o", "{tmp}/out.avi"], ["out.avi", "unsupported format"]),
     "move not two numbers": (["--move", "0.3"], ["move '0.3'", "DX,DY"]),
     "move too far": (["--move", "0.4,-0.4"], ["move 0.4,-0.4", "at most 0.5"]),

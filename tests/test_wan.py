@@ -126,6 +126,7 @@ def test_wan_run_cli(wan_artifacts, tmp_path):
         "seed-only option": (["--prompt", "x", "--move", "0.1,0"], "--move does not apply"),
         "unknown scheduler": (["--prompt", "x", "--scheduler", "ddim"], "ddim"),
         "guidance out of range": (["--prompt", "x", "--guidance", "1e9"], "guidance 1000000000.0"),
+        "precision not built": (["--prompt", "x", "--precision", "int8"], "'int8' was not built"),
     }
     for args, *needles in bad.values():
         one_line_error(run_cli("wan-run", art, *args, "-o", tmp_path / "bad.mp4"), *needles)

@@ -64,6 +64,9 @@ def table() -> str:
     rows = [f"{'checkpoint':<40} {'exports':<8} {'size':<10} {'frames':>6} {'steps':>5} {'guidance':>8} "
             f"{'shift':>5} {'fps':>4}  notes"]
     for k in KNOWN_MODELS:
-        rows.append(f"{k.name:<40} {'yes' if k.supported else 'not yet':<8} {f'{k.width}x{k.height}':<10} "
+        if not k.supported:  # refused in one line by wan-export --model; no defaults to promise
+            rows.append(f"{k.name:<40} {'not yet':<8} {'':<10} {'':>6} {'':>5} {'':>8} {'':>5} {'':>4}  {k.note}")
+            continue
+        rows.append(f"{k.name:<40} {'yes':<8} {f'{k.width}x{k.height}':<10} "
                     f"{k.frames:>6} {k.steps:>5} {k.guidance:>8g} {k.flow_shift:>5g} {k.fps:>4}  {k.note}")
     return "\n".join(rows)

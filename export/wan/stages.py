@@ -151,7 +151,9 @@ def wan_geometry(vae_config: dict) -> Geometry:
 
 
 def wan_stage_specs(geom: Geometry, text_dim: int, text_length: int, per_token_timestep: bool,
-                    takes_image: bool, cache_layout: list[tuple[int, int, int]]) -> dict[str, StageSpec]:
+                    takes_image: bool, cache_layout: list[tuple[int, int, int]] | None) -> dict[str, StageSpec]:
+    """Every stage's spec; the streaming decoder's only with its `cache_layout` (which needs
+    the VAE: `decoder_cache_layout`)."""
     ph, pw = geom.patch
     sh, sw = geom.pixels_per_token
     B, C = Dim("B"), Dim.fixed(geom.latent_channels)
@@ -180,6 +182,8 @@ def wan_stage_specs(geom: Geometry, text_dim: int, text_length: int, per_token_t
                                value_range=(-1.0, 1.0)),),
             outputs=(TensorSpec("latent", (B, C, Dim.fixed(1), Dim("Hp", ph), Dim("Wp", pw))),),
         )
+    if cache_layout is None:
+        return specs
     # cache scales are relative to the latent's height 2*Hp: Dim("Hp", 2 * k)
     layout = [(c, f, ph * k) for c, f, k in cache_layout]
     return {**specs, **stream_decoder_specs(geom, layout)}
