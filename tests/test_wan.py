@@ -172,12 +172,15 @@ BAD_FOLDERS = {
     "unsupported scheduler": (lambda d: set_json(d / "scheduler" / "scheduler_config.json",
                                                  _class_name="DDIMScheduler"), "DDIMScheduler"),
     "no tokenizer.json": (lambda d: (d / "tokenizer" / "tokenizer.json").unlink(), "no tokenizer.json"),
+    "weights not of the config's shape": (lambda d: set_json(d / "transformer" / "config.json", ffn_dim=48),
+                                          "does not load with its config.json", "expected shape"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_FOLDERS))
 def test_wan_export_refuses_bad_folders(case, wan_folder, tmp_path):
-    """Checked from the JSON files and file names alone, before any weight is loaded."""
+    """Checked from the JSON files and file names before any weight is loaded (the last case,
+    weights of another shape than the config says, when the component loads)."""
     from export.wan.build import build_wan_artifacts
     from runtime.errors import WanError
 

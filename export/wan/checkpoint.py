@@ -200,5 +200,8 @@ def _load(cls, folder: Path, what: str, **kwargs):
     try:
         model = cls.from_pretrained(folder, torch_dtype=torch.float32, use_safetensors=True, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise WanError(f"{what} in '{folder}' cannot be loaded: {str(exc).strip().splitlines()[0]}") from None
+        # diffusers' shape-mismatch error goes on to advise ignore_mismatched_sizes (random
+        # weights): the first sentence is what the user needs
+        reason = str(exc).strip().splitlines()[0].split(". ")[0].replace("Cannot load  because ", "")
+        raise WanError(f"{what} in '{folder}' does not load with its config.json: {reason}") from None
     return model.eval()
