@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 FLAVOURS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}  # flavour -> module
 STAGE_BATCH = {"vae_encoder": (1, 1, 1), "dit": (1, 2, 2), "vae_decoder": (1, 1, 1),  # CFG: 2
                "vae_decoder_first": (1, 1, 1), "vae_decoder_step": (1, 1, 1),
+               "vae_encoder_first": (1, 1, 1), "vae_encoder_step": (1, 1, 1),  # I2V's condition video
+               "dit_2": (1, 2, 2), "image_encoder": (1, 1, 1),  # A14B's second expert, Wan2.1 I2V's CLIP
                "text_encoder": (1, 2, 2)}  # prompt and negative prompt
 
 

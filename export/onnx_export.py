@@ -51,10 +51,11 @@ def torch_dynamic_shapes(spec: StageSpec, symbols: dict[str, SymbolRange]) -> tu
 
 
 def _nest_varargs(module: torch.nn.Module, shapes: tuple) -> tuple:
-    """torch.export binds a `*caches` parameter as one tuple; shape it the same way."""
+    """torch.export binds a `*caches` parameter as one tuple (none when it is given nothing);
+    shape it the same way."""
     params = list(inspect.signature(module.forward).parameters.values())
     for i, p in enumerate(params):
-        if p.kind is inspect.Parameter.VAR_POSITIONAL:
+        if p.kind is inspect.Parameter.VAR_POSITIONAL and len(shapes) > i:
             return (*shapes[:i], tuple(shapes[i:]))
     return shapes
 

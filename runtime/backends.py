@@ -9,6 +9,7 @@ diverging stage stops the run in one line instead of writing a garbage video.
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,10 +80,37 @@ class StageSession:
         return check_finite(self.spec.name, dict(zip(names, values)))
 
 
+class OnDemandStage:
+    """A stage opened at its first call and closed by `release()` (--low-memory: the encoders
+    after encoding, each A14B expert when the other takes over), for any backend's stages."""
+
+    def __init__(self, spec: StageSpec, open_stage):
+        self.spec, self._open, self.stage = spec, open_stage, None
+
+    def __call__(self, **inputs):
+        if self.stage is None:
+            self.stage = self._open()
+        return self.stage(**inputs)
+
+    @property
+    def loaded(self) -> bool:
+        return self.stage is not None
+
+    def release(self) -> None:
+        if self.stage is not None:
+            close = getattr(self.stage, "close", None)
+            if close is not None:
+                close()
+            self.stage = None
+            gc.collect()  # the session's weights go now, before the next stage is opened
+
+
 def open_stages(root: Path, manifest: Manifest, precision: str = "fp32",
-                threads: int | None = None, contrib_ops: bool = True) -> dict[str, StageSession]:
+                threads: int | None = None, contrib_ops: bool = True,
+                on_demand: tuple[str, ...] = ()) -> dict[str, StageSession]:
     """One ONNX Runtime session per stage at `precision`: the stage's ONNX Runtime graph
-    (fused contrib ops) where one was built and `contrib_ops`, else its portable graph."""
+    (fused contrib ops) where one was built and `contrib_ops`, else its portable graph.
+    Stages named in `on_demand` open at their first call (`OnDemandStage`)."""
     built = manifest.precisions()
     if precision not in built:
         raise WanError(f"precision {precision!r} was not built in '{root}' (built: "
@@ -103,10 +131,9 @@ def open_stages(root: Path, manifest: Manifest, precision: str = "fp32",
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
             raise WanError(f"ONNX Runtime cannot load '{path}': {str(exc).splitlines()[0]}")
 
-    sessions = {}
-    for name, stage in manifest.stages.items():
-        art = stage.artifacts[precision]
-        path = root / art.path
+    def open_one(name: str) -> StageSession:
+        art = manifest.stages[name].artifacts[precision]
+        spec, path = manifest.stages[name].spec, root / art.path
         if contrib_ops and art.ort_graph is not None:
             fused = root / art.ort_graph["path"]
             try:
@@ -114,9 +141,11 @@ def open_stages(root: Path, manifest: Manifest, precision: str = "fp32",
             except WanError as exc:  # an ONNX Runtime build without these contrib ops
                 log.warning("%s; running the portable graph instead", exc)
             else:
-                sessions[name] = StageSession(stage.spec, session, fused)
-                continue
-        sessions[name] = StageSession(stage.spec, load(path), path)
+                return StageSession(spec, session, fused)
+        return StageSession(spec, load(path), path)
+
+    sessions = {name: OnDemandStage(stage.spec, lambda name=name: open_one(name)) if name in on_demand
+                else open_one(name) for name, stage in manifest.stages.items()}
     log.debug("opened %s stages with %s", precision, providers)
     return sessions
 
@@ -127,8 +156,8 @@ class OnnxRuntimeBackend:
     xp = np
 
     def __init__(self, root: Path, manifest: Manifest, precision: str = "fp32",
-                 threads: int | None = None, contrib_ops: bool = True):
-        self.stages = open_stages(root, manifest, precision, threads, contrib_ops)
+                 threads: int | None = None, contrib_ops: bool = True, on_demand: tuple[str, ...] = ()):
+        self.stages = open_stages(root, manifest, precision, threads, contrib_ops, on_demand)
 
     @staticmethod
     def to_device(a: np.ndarray) -> np.ndarray:
@@ -140,12 +169,13 @@ class OnnxRuntimeBackend:
 
 
 def open_backend(name: str, root: Path, manifest: Manifest, precision: str,
-                 threads: int | None = None):
-    """The backend `name` ("onnxruntime" or "tensorrt") over `root`'s artifacts."""
+                 threads: int | None = None, on_demand: tuple[str, ...] = ()):
+    """The backend `name` ("onnxruntime" or "tensorrt") over `root`'s artifacts; the stages in
+    `on_demand` open when first called and close on `release()`."""
     if name == "onnxruntime":
-        return OnnxRuntimeBackend(root, manifest, precision, threads)
+        return OnnxRuntimeBackend(root, manifest, precision, threads, on_demand=on_demand)
     if name == "tensorrt":
         from runtime.tensorrt_backend import TensorRTBackend
 
-        return TensorRTBackend(root, manifest, precision)
+        return TensorRTBackend(root, manifest, precision, on_demand)
     raise WanError(f"backend {name!r} is not one of {', '.join(BACKENDS)}")

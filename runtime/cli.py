@@ -17,6 +17,9 @@ Examples (a released Wan model, exported with wan-export --model):
   wan-run artifacts/wan21 --prompt "a red fox runs through snow" -o fox.mp4
   wan-run artifacts/wan21 --prompt "..." --negative-prompt "blurry" --steps 30 --seed 7 -o clip.mp4
   wan-run artifacts/ti2v --prompt "the cat turns its head" --image cat.png -o cat.mp4   # TI2V-5B
+  wan-run artifacts/i2v --prompt "the boat sails away" --image boat.png -o boat.mp4      # I2V
+  wan-run artifacts/a14b --prompt "..." --guidance 4 --guidance-2 3 --low-memory -o a.mp4  # A14B
+  wan-run artifacts/i2v-a14b --prompt "..." --image first.png --last-image last.png -o b.mp4
 \b
 Examples (the project's own model):
   wan-run artifacts/small --image examples/reference.png -o out.mp4
@@ -28,8 +31,11 @@ Defaults for frames, size, steps, guidance, shift and fps come from the artifact
 release's recommended values, or the preset's). The same seed gives the same video.
 
 Released models: --prompt is required; --negative-prompt defaults to "" as in diffusers;
---image is TI2V-5B's first frame (resized to the video size); --scheduler swaps the checkpoint's
-scheduler (unipc or euler).
+--image is the first frame (resized to the video size): required by image-to-video models,
+optional for TI2V-5B; --last-image the last frame (Wan2.2 I2V-A14B); --scheduler swaps the
+checkpoint's scheduler (unipc or euler). Wan2.2 A14B runs its high-noise expert with --guidance
+and its low-noise expert with --guidance-2; --low-memory holds one expert at a time (and the
+encoders only while they run), at the cost of loading them for every video.
 
 The project's own model animates --image. Motion: the subject (whatever stands out from the plain
 background) moves from where it is by --move, along a path bent by --bend, turning by --turn and
@@ -67,7 +73,7 @@ def motion_from_options(move, bend, turn, zoom, still):
 
 
 SEED_ONLY = ("move", "bend", "turn", "zoom", "still", "guidance_rescale", "solver")
-WAN_ONLY = ("prompt", "negative_prompt", "scheduler")
+WAN_ONLY = ("prompt", "negative_prompt", "scheduler", "guidance_2", "last_image")
 
 
 @click.command(epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"],
@@ -78,6 +84,8 @@ WAN_ONLY = ("prompt", "negative_prompt", "scheduler")
 @click.option("--image", "-i", type=click.Path(path_type=str),
               help="The project's model: the reference image (resized and centre-cropped). TI2V-5B: the "
               "first frame (resized to the video size). Any format Pillow reads.")
+@click.option("--last-image", type=click.Path(path_type=str),
+              help="Wan2.2 I2V-A14B: the last frame; the video goes from --image to it.")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=str),
               help="Output: NAME.mp4 (H.264), NAME.gif, or a folder name for PNG frames.")
 @click.option("--frames", type=int, help="Frame count, 4n+1 (1, 5, 9, 13, 17, ...).")
@@ -86,6 +94,8 @@ WAN_ONLY = ("prompt", "negative_prompt", "scheduler")
 @click.option("--steps", type=int, help="Denoising steps (1-1000).")
 @click.option("--guidance", type=float, help="Classifier-free guidance scale, 0-100 (1 = off; released "
               "models: CFG runs above 1).")
+@click.option("--guidance-2", "guidance_2", type=float, help="Wan2.2 A14B: the low-noise expert's guidance "
+              "scale, 0-100 (default: the manifest's).")
 @click.option("--shift", type=float, help="Flow-matching sigma shift, 0.01-100 (released models: the "
               "scheduler's flow_shift).")
 @click.option("--scheduler", type=click.Choice(["unipc", "euler"]),
@@ -110,6 +120,8 @@ WAN_ONLY = ("prompt", "negative_prompt", "scheduler")
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
               show_default=True, help="onnxruntime (CPU, or CUDA with onnxruntime-gpu) or tensorrt "
               "(the .plan engines of wan-export --tensorrt; needs an NVIDIA GPU).")
+@click.option("--low-memory", is_flag=True, help="Released models: hold only the stage that runs (one "
+              "A14B expert at a time; the encoders only while encoding). Lower peak memory, slower start.")
 @click.option("--threads", type=int, help="CPU threads for ONNX Runtime (default: all cores; at most "
               "the CPUs this process may use).")
 @click.option("--verify", type=click.Choice(["auto", "full", "none"]), default="auto",
@@ -121,9 +133,9 @@ WAN_ONLY = ("prompt", "negative_prompt", "scheduler")
               "holding only frames (anything else is refused).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or timing table.")
 @click.option("--debug", is_flag=True, help="Tracebacks and debug logging.")
-def main(artifacts, prompt, negative_prompt, image, output, frames, height, width, steps, guidance, shift,
-         scheduler, guidance_rescale, solver, seed, move, bend, turn, zoom, still, fps, precision, backend,
-         threads, verify, expect_manifest, overwrite, quiet, debug):
+def main(artifacts, prompt, negative_prompt, image, last_image, output, frames, height, width, steps, guidance,
+         guidance_2, shift, scheduler, guidance_rescale, solver, seed, move, bend, turn, zoom, still, fps, precision,
+         backend, low_memory, threads, verify, expect_manifest, overwrite, quiet, debug):
     """Generate a video from a wan-export artifact directory: from a text prompt (released Wan
     models; TI2V-5B also from a first frame), or by animating a reference image (the project's
     own model)."""
@@ -132,14 +144,16 @@ def main(artifacts, prompt, negative_prompt, image, output, frames, height, widt
     from runtime.pipeline import Pipeline
     from runtime.request import check_threads
 
-    options = dict(prompt=prompt, negative_prompt=negative_prompt, scheduler=scheduler, move=move, bend=bend,
+    options = dict(prompt=prompt, negative_prompt=negative_prompt, scheduler=scheduler, guidance_2=guidance_2,
+                   last_image=last_image, move=move, bend=bend,
                    turn=turn, zoom=zoom, still=still or None, guidance_rescale=guidance_rescale, solver=solver)
     check_output(output, overwrite, fps)  # fail on a bad output name before any slow work
     check_threads(threads)
-    if image is not None:
-        regular_file(image, "image")  # before the artifacts are loaded (a FIFO would hang)
+    for what, path in (("image", image), ("last image", last_image)):
+        if path is not None:
+            regular_file(path, what)  # before the artifacts are loaded (a FIFO would hang)
     pipe = Pipeline.from_dir(artifacts, precision=precision, backend=backend, verify=verify,
-                             threads=threads, expect_manifest=expect_manifest)
+                             threads=threads, expect_manifest=expect_manifest, low_memory=low_memory)
     family = pipe.manifest.family
     foreign = [n for n in (SEED_ONLY if family == "wan" else WAN_ONLY) if options[n] is not None]
     if foreign:
@@ -148,10 +162,12 @@ def main(artifacts, prompt, negative_prompt, image, output, frames, height, widt
         raise WanError(f"{flag} does not apply to these artifacts: they hold {kind}")
     if family == "wan":
         req = pipe.check_request(prompt, negative_prompt, image, frames, height, width, steps, guidance, shift,
-                                 seed, scheduler)
-        pixels = pipe.load_image(image, req) if image is not None else None
+                                 seed, scheduler, guidance_2, last_image)
+        pixels = pipe.load_image(image) if image is not None else None
+        last = pipe.load_image(last_image, what="last image") if last_image is not None else None
         timings, summary = _timings(pixels is not None, "text, image", "text"), _wan_summary(req, pipe)
-        make = lambda on_step: pipe.generate_chunks(req, timings, pixels, on_step=on_step)  # noqa: E731
+        make = lambda on_step: pipe.generate_chunks(req, timings, pixels, on_step=on_step,  # noqa: E731
+                                                    last_image=last)
     else:
         if image is None:
             raise WanError("this model animates a reference image: give --image")
@@ -187,7 +203,8 @@ def _wan_summary(req, pipe) -> list[str]:
     from runtime.schedulers import SHORT_NAMES
 
     name = SHORT_NAMES[req.scheduler] if req.scheduler else pipe.scheduler.name
-    return [f"{name}, shift {req.shift:g}, guidance {req.guidance:g}, seed {req.seed}"]
+    guidance = f"guidance {req.guidance:g}" + (f"/{req.guidance_2:g}" if req.guidance_2 is not None else "")
+    return [f"{name}, shift {req.shift:g}, {guidance}, seed {req.seed}"]
 
 
 def write_with_progress(make, steps: int, output, fps: int, overwrite: bool, quiet: bool):

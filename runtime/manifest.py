@@ -48,7 +48,8 @@ PRECISIONS = ("fp32", "fp16", "int8")
 # released-model family have no "family": they are the seed's.
 FAMILY_STAGES = {
     "seed": (STAGE_NAMES, STREAM_STAGE_NAMES),
-    "wan": (("text_encoder", "dit", *STREAM_STAGE_NAMES), ("vae_encoder",)),
+    "wan": (("text_encoder", "dit", *STREAM_STAGE_NAMES),
+            ("vae_encoder", "vae_encoder_first", "vae_encoder_step", "image_encoder", "dit_2")),
 }
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 

@@ -48,30 +48,34 @@ MAX_IMAGE_PIXELS = 100_000_000
 MAX_IMAGE_ASPECT = 16
 
 
-def load_image(path: PathLike, height: int, width: int, fit: str = "cover") -> np.ndarray:
+def load_image(path: PathLike, height: int, width: int, fit: str = "cover", what: str = "reference image") -> np.ndarray:
     """Read an image and bring it to (height, width); return uint8 (H, W, 3). `fit`: "cover"
     scales it to cover the size and takes the centre (bicubic; the seed family), "stretch"
-    resizes it to the size exactly (Lanczos, as diffusers' VaeImageProcessor does)."""
+    resizes it to the size exactly (Lanczos, as diffusers' VaeImageProcessor does), "none" keeps
+    it as it is (released models resize it per stage, as diffusers' pipelines do)."""
     if height <= 0 or width <= 0:
         raise WanError(f"image size {height}x{width} is invalid; height and width must be > 0")
-    path = regular_file(path, "reference image")
+    path = regular_file(path, what)
     try:
         with Image.open(path) as img:
             w, h = img.size
             if w * h > MAX_IMAGE_PIXELS or max(w, h) > MAX_IMAGE_ASPECT * min(w, h):
-                raise WanError(f"reference image '{path}' is {w}x{h} pixels: use at most "
+                raise WanError(f"{what} '{path}' is {w}x{h} pixels: use at most "
                                f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels and an aspect ratio up to "
                                f"{MAX_IMAGE_ASPECT}:1")
-            img.draft("RGB", _cover_size(w, h, height, width) if fit == "cover" else (width, height))  # JPEG
+            if fit == "cover":  # JPEG: decode at a reduced size; not for released models, which
+                img.draft("RGB", _cover_size(w, h, height, width))  # must see diffusers' pixels
             img.load()  # decode now, so a truncated file fails here and not later
             rgb = img.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise WanError(
-            f"reference image '{path}' cannot be read as an image: {_short_reason(exc)}"
+            f"{what} '{path}' cannot be read as an image: {_short_reason(exc)}"
         ) from exc
     log.debug("loaded %s (%dx%d, %s)", path, rgb.width, rgb.height, img.mode)
     if fit == "stretch":
         return resize_exact(np.asarray(rgb, dtype=np.uint8), height, width)
+    if fit == "none":
+        return np.asarray(rgb, dtype=np.uint8)
     return np.asarray(_cover_crop(rgb, height, width), dtype=np.uint8)
 
 

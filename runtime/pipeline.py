@@ -30,24 +30,35 @@ from runtime.stages import STREAM_STAGE_NAMES
 FAMILIES = {"seed": "runtime.seed:SeedPipeline", "wan": "runtime.wan:WanPipeline"}
 
 
+def family_class(manifest: Manifest) -> type:
+    module, name = FAMILIES[manifest.family].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 @dataclass
 class Timings:
-    """Wall-clock seconds per stage; `dit` holds one entry per denoising step."""
+    """Wall-clock seconds per stage; `dit` holds one entry per denoising step, `experts` (A14B)
+    the stage that ran each step."""
 
     encode: float = 0.0
     dit: list[float] = field(default_factory=list)
     decode: float = 0.0
     total: float = 0.0
     encode_label: str = "encode (reference)"
+    experts: list[str] = field(default_factory=list)
 
     def table(self) -> str:
-        per_step = sum(self.dit) / len(self.dit) if self.dit else 0.0
-        rows = [(self.encode_label, self.encode),
-                (f"DiT per step (x{len(self.dit)})", per_step),
-                ("DiT all steps", sum(self.dit)),
-                ("decode", self.decode),
-                ("total", self.total)]
-        return "\n".join(f"{name:<22}{sec * 1000:>10.1f} ms" for name, sec in rows)
+        def mean(xs):
+            return sum(xs) / len(xs) if xs else 0.0
+
+        rows = [(self.encode_label, self.encode), (f"DiT per step (x{len(self.dit)})", mean(self.dit))]
+        names = list(dict.fromkeys(self.experts))  # in the order they ran
+        if len(names) > 1:
+            for name in names:
+                steps = [s for s, e in zip(self.dit, self.experts) if e == name]
+                rows.append((f"  {name} per step (x{len(steps)})", mean(steps)))
+        rows += [("DiT all steps", sum(self.dit)), ("decode", self.decode), ("total", self.total)]
+        return "\n".join(f"{name:<26}{sec * 1000:>10.1f} ms" for name, sec in rows)
 
 
 @dataclass
@@ -78,18 +89,34 @@ class Pipeline:
     @classmethod
     def from_dir(cls, path: str | Path, precision: str = "fp32", backend: str = "onnxruntime",
                  verify: str = "auto", threads: int | None = None,
-                 expect_manifest: str | None = None) -> "Pipeline":
+                 expect_manifest: str | None = None, low_memory: bool = False) -> "Pipeline":
         """Load an artifact directory written by wan-export; `verify` and `expect_manifest` (the
-        manifest's pinned sha256) as in `load_manifest`."""
+        manifest's pinned sha256) as in `load_manifest`. `low_memory`: hold only the stages in
+        use (the family's `on_demand` ones open when needed and are released after)."""
         root = Path(path)
         manifest = load_manifest(root, verify, expect_manifest)
-        return cls.for_manifest(root, manifest, open_backend(backend, root, manifest, precision, threads))
+        family = family_class(manifest)
+        on_demand = family.on_demand(manifest) if low_memory else ()
+        if low_memory and not on_demand:
+            raise WanError("--low-memory does not apply to these artifacts: every stage is used at every step")
+        return family(root, manifest, open_backend(backend, root, manifest, precision, threads, on_demand))
 
     @staticmethod
     def for_manifest(root: Path, manifest: Manifest, backend) -> "Pipeline":
         """The pipeline class of the manifest's model family, over an opened backend."""
-        module, name = FAMILIES[manifest.family].split(":")
-        return getattr(importlib.import_module(module), name)(root, manifest, backend)
+        return family_class(manifest)(root, manifest, backend)
+
+    @staticmethod
+    def on_demand(manifest: Manifest) -> tuple[str, ...]:
+        """Stages that need not stay loaded for a whole generation (the family says which)."""
+        return ()
+
+    def release(self, *names: str) -> None:
+        """Close the on-demand stages `names` (a no-op for stages that stay loaded)."""
+        for name in names:
+            release = getattr(self.stages.get(name), "release", None)
+            if release is not None:
+                release()
 
     # -- shared checks ----------------------------------------------------------------------
 
@@ -119,7 +146,7 @@ class Pipeline:
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, ...]:
         env = self.manifest.geometry.env(1, frames, height, width)
-        return self.stages["dit"].spec.inputs[0].shape(env)
+        return self.stages["dit"].spec.outputs[0].shape(env)  # the velocity: the latent being sampled
 
     def seeded_noise(self, seed: int, shape: tuple[int, ...]):
         """The initial latent noise: same seed, same noise, on every machine and backend."""

@@ -265,24 +265,47 @@ def stage_specs(geom: Geometry) -> dict[str, StageSpec]:
     }
 
 
-def stream_decoder_specs(geom: Geometry, cache_layout: list[tuple[int, int, int]]) -> dict[str, StageSpec]:
-    """Specs of the streaming decoder. `cache_layout` lists each cache tensor as (channels,
-    frames, spatial scale): shape (B, channels, frames, scale*Hp, scale*Wp)."""
+def _caches(cache_layout: list[tuple[int, int, int]]) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """Cache inputs and their next values, from (channels, frames, spatial scale) each: shape
+    (B, channels, frames, scale*Hp, scale*Wp)."""
+    caches = tuple(TensorSpec(f"cache_{i}", (Dim("B"), Dim.fixed(c), Dim.fixed(f), Dim("Hp", k), Dim("Wp", k)))
+                   for i, (c, f, k) in enumerate(cache_layout))
+    return caches, tuple(TensorSpec(f"new_cache_{i}", t.dims) for i, t in enumerate(caches))
+
+
+def _stream_io(geom: Geometry):
+    """A latent frame (B, C, 1, h, w) and a chunk of `n` video frames (B, 3, n, H, W)."""
     ph, pw = geom.patch
     sh, sw = geom.pixels_per_token
     B = Dim("B")
-    latent = (B, Dim.fixed(geom.latent_channels), Dim.fixed(1), Dim("Hp", ph), Dim("Wp", pw))
-    caches = tuple(TensorSpec(f"cache_{i}", (B, Dim.fixed(c), Dim.fixed(f), Dim("Hp", k), Dim("Wp", k)))
-                   for i, (c, f, k) in enumerate(cache_layout))
-    new_caches = tuple(TensorSpec(f"new_cache_{i}", t.dims) for i, t in enumerate(caches))
+    latent = TensorSpec("latent", (B, Dim.fixed(geom.latent_channels), Dim.fixed(1), Dim("Hp", ph), Dim("Wp", pw)))
 
     def video(frames: int) -> TensorSpec:
         return TensorSpec("video", (B, Dim.fixed(3), Dim.fixed(frames), Dim("Hp", sh), Dim("Wp", sw)),
                           value_range=(-1.0, 1.0))
 
+    return latent, video
+
+
+def stream_decoder_specs(geom: Geometry, cache_layout: list[tuple[int, int, int]]) -> dict[str, StageSpec]:
+    """Specs of the streaming decoder: latent frame 0 -> video frame 0, then one latent frame
+    (+ caches) -> `temporal_stride` video frames. `cache_layout`: see `_caches`."""
+    latent, video = _stream_io(geom)
+    caches, new_caches = _caches(cache_layout)
     return {
-        "vae_decoder_first": StageSpec("vae_decoder_first", (TensorSpec("latent", latent),),
-                                       (video(1), *new_caches)),
-        "vae_decoder_step": StageSpec("vae_decoder_step", (TensorSpec("latent", latent), *caches),
+        "vae_decoder_first": StageSpec("vae_decoder_first", (latent,), (video(1), *new_caches)),
+        "vae_decoder_step": StageSpec("vae_decoder_step", (latent, *caches),
                                       (video(geom.temporal_stride), *new_caches)),
+    }
+
+
+def stream_encoder_specs(geom: Geometry, cache_layout: list[tuple[int, int, int]]) -> dict[str, StageSpec]:
+    """The streaming encoder, the decoder's mirror: video frame 0 -> latent frame 0, then
+    `temporal_stride` video frames (+ caches) -> one latent frame."""
+    latent, video = _stream_io(geom)
+    caches, new_caches = _caches(cache_layout)
+    return {
+        "vae_encoder_first": StageSpec("vae_encoder_first", (video(1),), (latent, *new_caches)),
+        "vae_encoder_step": StageSpec("vae_encoder_step", (video(geom.temporal_stride), *caches),
+                                      (latent, *new_caches)),
     }

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.backends import check_finite
+from runtime.backends import OnDemandStage, check_finite
 from runtime.errors import WanError
 from runtime.manifest import Manifest
 from runtime.stages import StageSpec
@@ -98,6 +98,10 @@ class TensorRTStage:
         self.cp, self.stream = cp, stream
         self.context = None  # created by the backend with the shared activation buffer
 
+    def close(self) -> None:
+        """Free the engine and its context (--low-memory, between uses)."""
+        self.context = self.engine = None
+
     def __call__(self, **inputs):
         env = self.spec.bind(inputs)
         check_profile(self.record, self.name, env)
@@ -118,7 +122,7 @@ class TensorRTStage:
 
 
 class TensorRTBackend:
-    def __init__(self, root: Path, manifest: Manifest, precision: str = "fp32"):
+    def __init__(self, root: Path, manifest: Manifest, precision: str = "fp32", on_demand: tuple[str, ...] = ()):
         engines = engines_of(manifest, precision, root)
         flavour = next(iter(engines.values()))["builder"]["flavour"]
         try:
@@ -134,24 +138,38 @@ class TensorRTBackend:
         supported = ([c for c in dir(trt.ComputeCapability) if c.startswith("SM")]
                      if hasattr(trt, "ComputeCapability") else None)  # TensorRT-RTX only
         check_engines(engines, root, flavour, trt.__version__, gpu, supported)
-        self.xp, self._cp = cp, cp
+        self.xp, self._cp, self._trt, self._root = cp, cp, trt, root
+        self._manifest, self._engines = manifest, engines
         self.stream = cp.cuda.Stream(non_blocking=True)
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.stages = {}
-        for name, record in engines.items():
-            engine = runtime.deserialize_cuda_engine((root / record["path"]).read_bytes())
-            if engine is None:
-                raise WanError(f"TensorRT cannot load {record['path']} on this GPU; rebuild '{root}' "
-                               "with wan-export --tensorrt")
-            manifest.stages[name].spec.check_graph(*engine_io(engine, trt), where=str(root / record["path"]))
-            self.stages[name] = TensorRTStage(name, manifest.stages[name].spec, engine, record, cp, self.stream)
+        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         # One activation buffer for all stages: they run one after another, never together.
-        size = max(s.engine.device_memory_size_v2 for s in self.stages.values())
-        self._activations = cp.cuda.alloc(size)
-        for s in self.stages.values():
-            s.context = s.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
-            s.context.set_device_memory(self._activations.ptr, size)
-        log.debug("TensorRT %s: shared activation buffer %.1f MB", precision, size / 1e6)
+        # It grows when a stage opened later (--low-memory) needs more.
+        self._activations, self._size, self._live = None, 0, {}
+        self.stages = {name: OnDemandStage(manifest.stages[name].spec, lambda name=name: self._open(name))
+                       if name in on_demand else self._open(name) for name in engines}
+        log.debug("TensorRT %s: shared activation buffer %.1f MB", precision, self._size / 1e6)
+
+    def _open(self, name: str) -> TensorRTStage:
+        record, trt = self._engines[name], self._trt
+        engine = self._runtime.deserialize_cuda_engine((self._root / record["path"]).read_bytes())
+        if engine is None:
+            raise WanError(f"TensorRT cannot load {record['path']} on this GPU; rebuild '{self._root}' "
+                           "with wan-export --tensorrt")
+        spec = self._manifest.stages[name].spec
+        spec.check_graph(*engine_io(engine, trt), where=str(self._root / record["path"]))
+        stage = TensorRTStage(name, spec, engine, record, self._cp, self.stream)
+        stage.context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        self._live = {n: s for n, s in self._live.items() if s.context is not None}  # released ones drop out
+        self._live[name] = stage
+        if engine.device_memory_size_v2 > self._size:
+            self._size = engine.device_memory_size_v2
+            self._activations = None  # freed before the larger one is taken
+            self._activations = self._cp.cuda.alloc(self._size)
+            for s in self._live.values():
+                s.context.set_device_memory(self._activations.ptr, self._size)
+        else:
+            stage.context.set_device_memory(self._activations.ptr, self._size)
+        return stage
 
     def to_device(self, a: np.ndarray):
         return self._cp.asarray(a)

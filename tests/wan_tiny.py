@@ -1,7 +1,10 @@
 """Tiny random Wan pipelines in the diffusers layout, for tests (nothing comes from a model hub).
 
-The component configs are diffusers' own fast-test ones (tests/pipelines/wan/test_wan.py and
-test_wan_22.py): the transformer, the Wan2.1 VAE (z16) and the Wan2.2 VAE (z48, patch 2). The text
+The component configs are diffusers' own fast-test ones (tests/pipelines/wan/test_wan.py,
+test_wan_22.py, test_wan_22_image_to_video.py, test_wan_image_to_video.py): the transformer, the
+Wan2.1 VAE (z16), the Wan2.2 VAE (z48, patch 2) and the CLIP vision tower. Changed from them so
+that what is tested is really used: A14B's two experts are seeded differently (the switch shows),
+and Wan2.1 I2V's transformer has `added_kv_proj_dim` (its image keys). The text
 encoder is a tiny UMT5 and the tokenizer a sentencepiece unigram model trained here on a dozen
 sentences (pad 0, eos 1, unk 2), wrapped as transformers' T5Tokenizer, which writes the
 tokenizer.json the runtime reads. `save_pretrained` writes safetensors, as the released
@@ -46,14 +49,32 @@ def text_encoder():
     return UMT5EncoderModel(config).eval()
 
 
-def transformer(channels: int):
+def transformer(channels: int, in_channels: int | None = None, seed: int = 0, **extra):
     from diffusers import WanTransformer3DModel
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
-                                 in_channels=channels, out_channels=channels, text_dim=32, freq_dim=256,
-                                 ffn_dim=32, num_layers=2, cross_attn_norm=True,
-                                 qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+                                 in_channels=in_channels or channels, out_channels=channels, text_dim=32,
+                                 freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                                 qk_norm="rms_norm_across_heads", rope_max_seq_len=32, **extra)
+
+
+CLIP_SIDE = 8  # the tiny CLIP's image size: (8 / 2)^2 patches + 1 class token = 17 image tokens
+
+
+def image_encoder():
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=4, projection_dim=4, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=CLIP_SIDE, intermediate_size=16, patch_size=2)
+    return CLIPVisionModelWithProjection(config).eval()
+
+
+def image_processor():
+    from transformers import CLIPImageProcessorPil  # the PIL backend: no torchvision here
+
+    return CLIPImageProcessorPil(crop_size=CLIP_SIDE, size=CLIP_SIDE)
 
 
 def vae(version: str):
@@ -75,21 +96,37 @@ def unipc(flow_shift: float = 3.0):
     return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift)
 
 
-def save_pipeline(out: Path, version: str) -> Path:
-    """A tiny Wan2.1 T2V ("wan2.1") or Wan2.2 TI2V-5B ("wan2.2": expand_timesteps, z48) folder."""
-    from diffusers import WanPipeline
+VERSIONS = ("wan2.1", "wan2.2", "a14b", "a14b-i2v", "wan2.1-i2v")
 
-    ti2v = version == "wan2.2"
-    pipe = WanPipeline(tokenizer=tokenizer(), text_encoder=text_encoder(), vae=vae(version),
-                       transformer=transformer(48 if ti2v else 16), scheduler=unipc(), expand_timesteps=ti2v)
+
+def save_pipeline(out: Path, version: str) -> Path:
+    """A tiny pipeline folder: "wan2.1" T2V, "wan2.2" TI2V-5B (expand_timesteps, z48), "a14b"
+    Wan2.2 T2V-A14B (two experts), "a14b-i2v" I2V-A14B, "wan2.1-i2v" Wan2.1 I2V (CLIP)."""
+    from diffusers import WanImageToVideoPipeline, WanPipeline
+
+    common = dict(tokenizer=tokenizer(), text_encoder=text_encoder(), scheduler=unipc())
+    if version in ("wan2.1", "wan2.2"):
+        ti2v = version == "wan2.2"
+        pipe = WanPipeline(vae=vae(version), transformer=transformer(48 if ti2v else 16), expand_timesteps=ti2v,
+                           **common)
+    elif version == "a14b":
+        pipe = WanPipeline(vae=vae("wan2.1"), transformer=transformer(16), transformer_2=transformer(16, seed=1),
+                           boundary_ratio=0.875, **common)
+    elif version == "a14b-i2v":
+        pipe = WanImageToVideoPipeline(vae=vae("wan2.1"), transformer=transformer(16, 36),
+                                       transformer_2=transformer(16, 36, seed=1), boundary_ratio=0.875, **common)
+    else:
+        pipe = WanImageToVideoPipeline(vae=vae("wan2.1"), transformer=transformer(16, 36, image_dim=4,
+                                                                                  added_kv_proj_dim=24),
+                                       image_encoder=image_encoder(), image_processor=image_processor(), **common)
     pipe.save_pretrained(out)
     return out
 
 
-def diffusers_video(folder: Path, noise, *, image=None, scheduler: str | None = None, shift: float = 3.0,
-                    **kwargs):
+def diffusers_video(folder: Path, noise, *, image=None, last_image=None, scheduler: str | None = None,
+                    shift: float = 3.0, **kwargs):
     """diffusers' own pipeline on the same initial latent: frames float (T, H, W, 3) in [0, 1].
-    With `image`, TI2V through WanImageToVideoPipeline (its first frame)."""
+    With `image`, WanImageToVideoPipeline (TI2V: its first frame)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanPipeline
     from PIL import Image
 
@@ -101,5 +138,7 @@ def diffusers_video(folder: Path, noise, *, image=None, scheduler: str | None = 
     elif shift != pipe.scheduler.config.get("flow_shift"):
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, flow_shift=shift)
     extra = {} if image is None else {"image": Image.fromarray(image)}
+    if last_image is not None:
+        extra["last_image"] = Image.fromarray(last_image)
     out = pipe(latents=torch.from_numpy(noise), output_type="np", **extra, **kwargs)
     return out.frames[0]

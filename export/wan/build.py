@@ -27,10 +27,11 @@ from export.build import (FP16_EMULATION_NOTE, RANGE_SAMPLES, _every, build_engi
                           export_checked, measurable, tool_versions)
 from export.onnx_export import DEFAULT_OPSET
 from export.wan import known
-from export.wan.checkpoint import (MAX_SEQUENCE_LENGTH, WanCheckpoint, load_text_encoder, load_transformer,
-                                   load_vae, read_checkpoint)
-from export.wan.stages import (DecoderFirstStage, DecoderStepStage, DiTStage, ImageEncoderStage,
-                               TextEncoderStage, decoder_cache_layout, wan_geometry, wan_stage_specs)
+from export.wan.checkpoint import (MAX_SEQUENCE_LENGTH, WanCheckpoint, load_image_encoder, load_text_encoder,
+                                   load_transformer, load_vae, read_checkpoint)
+from export.wan.stages import (CLIPStage, DecoderFirstStage, DecoderStepStage, DiTStage, EncoderChunkStage,
+                               ImageEncoderStage, TextEncoderStage, WanStages, decoder_cache_layout,
+                               encoder_cache_layout, wan_geometry)
 from runtime.errors import WanError
 from runtime.backends import OnnxRuntimeBackend, available_providers
 from runtime.errors import NonFiniteError
@@ -47,8 +48,9 @@ MAX_VIDEO_FRAMES = 129  # TI2V-5B's 121 frames and more
 
 def defaults(ckpt: WanCheckpoint) -> tuple[dict, dict, str | None]:
     """Sampler and video defaults: the release's recommendations when the folder is one (or a
-    fine-tune of one), else diffusers' pipeline defaults; the shift is the scheduler's own."""
-    k = known.match(ckpt.transformer)
+    fine-tune of one), else diffusers' pipeline defaults (guidance_2: the same as guidance); the
+    shift is the scheduler's own."""
+    k = known.match(ckpt.transformer, len(ckpt.experts) == 2)
     shift = ckpt.scheduler.get("flow_shift", ckpt.scheduler.get("shift", 1.0))
     if k is None:
         sampler = {"steps": 50, "guidance": 5.0, "fps": 16}
@@ -56,8 +58,35 @@ def defaults(ckpt: WanCheckpoint) -> tuple[dict, dict, str | None]:
     else:
         sampler = {"steps": k.steps, "guidance": k.guidance, "fps": k.fps}
         video = {"frames": k.frames, "height": k.height, "width": k.width}
+    if len(ckpt.experts) == 2:
+        sampler["guidance_2"] = k.guidance_2 if k is not None and k.guidance_2 is not None else sampler["guidance"]
     sampler.update(shift=float(shift), solver=ckpt.scheduler["_class_name"])
     return sampler, video, (k.name if k else None)
+
+
+def wan_stages(ckpt: WanCheckpoint, decoder_caches=None, encoder_caches=None) -> WanStages:
+    clip = None
+    if ckpt.image_embeddings:
+        c = ckpt.image_encoder
+        side, patch = c.get("image_size", 224), c.get("patch_size", 32)
+        clip = (side, (side // patch) ** 2 + 1, c["hidden_size"])  # patches + the class token
+    return WanStages(wan_geometry(ckpt.vae), ckpt.transformer.get("text_dim", 4096), MAX_SEQUENCE_LENGTH,
+                     ckpt.condition, len(ckpt.experts), clip,
+                     None if decoder_caches is None else tuple(decoder_caches),
+                     None if encoder_caches is None else tuple(encoder_caches))
+
+
+def clip_preprocessing(ckpt: WanCheckpoint) -> dict:
+    """CLIPImageProcessor's settings, for the runtime's numpy copy of it (runtime/clip.py)."""
+    p, side = ckpt.image_processor, ckpt.image_encoder.get("image_size", 224)
+    size = p.get("size", {"shortest_edge": side})
+    size = size if isinstance(size, dict) else {"shortest_edge": size}
+    return {"size": size, "crop": side, "resample": int(p.get("resample", 3)),
+            "rescale": float(p.get("rescale_factor", 1 / 255)) if p.get("do_rescale", True) else 1.0,
+            "mean": [float(x) for x in p.get("image_mean", [0.0, 0.0, 0.0])] if p.get("do_normalize", True)
+            else [0.0, 0.0, 0.0],
+            "std": [float(x) for x in p.get("image_std", [1.0, 1.0, 1.0])] if p.get("do_normalize", True)
+            else [1.0, 1.0, 1.0]}
 
 
 def symbol_ranges(ckpt: WanCheckpoint, video: dict) -> dict[str, SymbolRange]:
@@ -81,13 +110,13 @@ def build_wan_artifacts(model_dir: str | Path, out: str | Path, force: bool = Fa
     sampler, video, release = defaults(ckpt)
     symbols = symbol_ranges(ckpt, video)
     geom = wan_geometry(ckpt.vae)
-    stage_names = ["text_encoder", *(["vae_encoder"] if ckpt.takes_image else []), "dit",
-                   "vae_decoder_first", "vae_decoder_step"]
+    stage_names = wan_stages(ckpt).names()
     if engines is not None:
         resolve_flavour(engines.flavour)
         for name in stage_names:
             symbol_profile(engines, geom, name, symbols)
-    log.info("%s: %s (%s%s)", ckpt.root, ckpt.pipeline, ckpt.version, f", {release}" if release else "")
+    log.info("%s: %s (%s%s%s)", ckpt.root, ckpt.pipeline, ckpt.version,
+             ", two experts" if len(ckpt.experts) == 2 else "", f", {release}" if release else "")
     with ArtifactWriter(out, force) as writer:
         stages, latent = export_stages(ckpt, writer, symbols, opset, stage_names)
         shutil.copyfile(ckpt.tokenizer_file, writer.path(TOKENIZER))
@@ -102,7 +131,10 @@ def build_wan_artifacts(model_dir: str | Path, out: str | Path, force: bool = Fa
             family_config={
                 "text": {"tokenizer": TOKENIZER, "pad_token": ckpt.pad_token, "max_length": MAX_SEQUENCE_LENGTH},
                 "scheduler": ckpt.scheduler, "expand_timesteps": ckpt.expand_timesteps,
-                "takes_image": ckpt.takes_image, "negative_prompt": "",
+                "condition": ckpt.condition, "takes_image": ckpt.takes_image, "needs_image": ckpt.needs_image,
+                "takes_last_image": ckpt.takes_last_image, "negative_prompt": "",
+                **({"boundary_ratio": ckpt.boundary_ratio} if len(ckpt.experts) == 2 else {}),
+                **({"clip": clip_preprocessing(ckpt)} if ckpt.image_embeddings else {}),
             },
         )
         reduced = [p for p in precisions if p != "fp32"]
@@ -112,7 +144,9 @@ def build_wan_artifacts(model_dir: str | Path, out: str | Path, force: bool = Fa
             manifest = dataclasses.replace(manifest, files={TOKENIZER: {"sha256": "", "size": 0}})
             calib = WanCalibration.for_manifest(manifest)
             samples = capture(manifest, writer.staging, calib, calib.seeds)
-            manifest = dataclasses.replace(manifest, calibration={**calib.to_dict(), "dit_calls": len(samples["dit"])})
+            manifest = dataclasses.replace(manifest, calibration={
+                **calib.to_dict(), "dit_calls": len(samples["dit"]),
+                **({"dit_2_calls": len(samples["dit_2"])} if "dit_2" in samples else {})})
             for p in reduced:
                 manifest.quality[p] = build_reduced(p, manifest, writer.staging, samples, calib)
         if engines is not None:
@@ -146,11 +180,6 @@ def export_stages(ckpt: WanCheckpoint, writer: ArtifactWriter, symbols, opset: i
     count = iter(range(1, len(stage_names) + 1))
     stages: dict[str, Stage] = {}
     latent: list = []
-    geom = wan_geometry(ckpt.vae)
-
-    def specs(layout=None):
-        return wan_stage_specs(geom, ckpt.transformer.get("text_dim", 4096), MAX_SEQUENCE_LENGTH,
-                               ckpt.expand_timesteps, ckpt.takes_image, layout)
 
     def export(name: str, module, stage_specs) -> None:
         rel = f"onnx/fp32/{name}.onnx"
@@ -163,18 +192,28 @@ def export_stages(ckpt: WanCheckpoint, writer: ArtifactWriter, symbols, opset: i
     def vae_stages():
         vae = load_vae(ckpt)
         layout = decoder_cache_layout(vae)
+        enc_layout = encoder_cache_layout(vae) if ckpt.condition == "latents" else None
         latent.extend([tuple(float(x) for x in vae.config.latents_mean),
                        tuple(float(x) for x in vae.config.latents_std)])
-        with_decoder = specs(layout)
-        if ckpt.takes_image:
-            export("vae_encoder", ImageEncoderStage(vae), with_decoder)
-        export("vae_decoder_first", DecoderFirstStage(vae, layout), with_decoder)
-        export("vae_decoder_step", DecoderStepStage(vae, layout), with_decoder)
+        specs = wan_stages(ckpt, layout, enc_layout).specs()
+        if ckpt.condition == "first_frame":
+            export("vae_encoder", ImageEncoderStage(vae), specs)
+        if enc_layout is not None:
+            export("vae_encoder_first", EncoderChunkStage(vae, enc_layout, first=True), specs)
+            export("vae_encoder_step", EncoderChunkStage(vae, enc_layout, first=False), specs)
+        export("vae_decoder_first", DecoderFirstStage(vae, layout), specs)
+        export("vae_decoder_step", DecoderStepStage(vae, layout), specs)
 
+    specs = wan_stages(ckpt).specs()
+    extra = tuple(t.name for t in specs["dit"].inputs[3:])  # condition, image
     components = {
         "vae": vae_stages,
-        "text_encoder": lambda: export("text_encoder", TextEncoderStage(load_text_encoder(ckpt)), specs()),
-        "transformer": lambda: export("dit", DiTStage(load_transformer(ckpt), ckpt.expand_timesteps), specs()),
+        "text_encoder": lambda: export("text_encoder", TextEncoderStage(load_text_encoder(ckpt)), specs),
+        **{component: (lambda component=component, stage=stage: export(
+            stage, DiTStage(load_transformer(ckpt, component), ckpt.expand_timesteps, extra), specs))
+           for component, stage in zip(ckpt.experts, ("dit", "dit_2"))},
+        **({"image_encoder": lambda: export("image_encoder", CLIPStage(load_image_encoder(ckpt)), specs)}
+           if ckpt.image_embeddings else {}),
     }
     t0 = time.perf_counter()
     for component in sorted(components, key=lambda c: -weight_bytes(ckpt.root / c)):
@@ -191,7 +230,9 @@ def export_stages(ckpt: WanCheckpoint, writer: ArtifactWriter, symbols, opset: i
 # matters and costs T5 accuracy: it stays fp32 there, and gets fp16 with measured-range fp32
 # islands (T5's feed-forward activations overflow fp16: the islands are chosen from the ranges
 # measured on the calibration prompts).
-REDUCED_STAGES = {"fp16": ("text_encoder", "dit"), "int8": ("dit",)}
+# A14B's two experts are reduced alike, each calibrated on the steps it serves (the recorder of
+# each stage sees only its own calls).
+REDUCED_STAGES = {"fp16": ("text_encoder", "dit", "dit_2"), "int8": ("dit", "dit_2")}
 # Module paths (the wrappers nest diffusers' transformer as `transformer.`) kept out of the
 # reduced precision: the DiT's embedders, patch embedding and head, and in int8 its
 # cross-attentions, as the seed family's defaults (engines/int8.py) for the same reasons.
@@ -221,9 +262,12 @@ class WanCalibration:
         cap = lambda n: max(mult, min(n, 256) // mult * mult)  # noqa: E731
         return cls(min(v["frames"], 17), cap(v["height"]), cap(v["width"]), min(manifest.sampler["steps"], 20))
 
+    image: bool = False  # image-to-video: every request gets a calibration image
+
     def request(self, seed: int) -> dict:
         return {"prompt": CALIBRATION_PROMPTS[seed % len(CALIBRATION_PROMPTS)], "frames": self.frames,
-                "height": self.height, "width": self.width, "steps": self.steps, "seed": seed}
+                "height": self.height, "width": self.width, "steps": self.steps, "seed": seed,
+                **({"image": calibration_image(seed, self.height, self.width)} if self.image else {})}
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "source": "the fp32 runtime's own trajectories",
@@ -247,7 +291,7 @@ class _Recorder:
 def capture(manifest: Manifest, root: Path, calib: WanCalibration, seeds) -> dict[str, list]:
     """Stage inputs of the fp32 runtime generating the calibration requests."""
     pipe = Pipeline.for_manifest(root, manifest, OnnxRuntimeBackend(root, manifest, "fp32"))
-    stages = sorted({n for names in REDUCED_STAGES.values() for n in names})
+    stages = sorted({n for names in REDUCED_STAGES.values() for n in names if n in manifest.stages})
     recorders = {n: _Recorder(pipe.stages[n]) for n in stages}
     pipe.stages.update(recorders)
     t0 = time.perf_counter()
@@ -276,17 +320,34 @@ def build_reduced(precision: str, manifest: Manifest, root: Path, samples: dict,
             details = int8.quantize(root / fp32.path, root / rel, samples[name], INT8_FLOAT_LAYERS)
         stage.artifacts[precision] = Artifact(precision, rel, {}, details)
     fp32_pipe = Pipeline.for_manifest(root, manifest, OnnxRuntimeBackend(root, manifest, "fp32"))
-    held = {n: _Recorder(fp32_pipe.stages[n]) for n in REDUCED_STAGES[precision]}  # held-out stage inputs
+    reduced = [n for n in REDUCED_STAGES[precision] if n in manifest.stages]
+    held = {n: _Recorder(fp32_pipe.stages[n]) for n in reduced}  # held-out stage inputs
     fp32_pipe.stages.update(held)
-    with measurable(manifest, root, precision) as m:
-        pipe = Pipeline.for_manifest(root, m, OnnxRuntimeBackend(root, m, precision))
-    scores, finite = [], True
-    for seed in calib.holdout_seeds:
-        want = fp32_pipe.generate(**calib.request(seed)).frames
-        try:
-            scores.append(quality.psnr(want, pipe.generate(**calib.request(seed)).frames))
-        except NonFiniteError:
-            finite = False
+    wanted = [fp32_pipe.generate(**calib.request(seed)).frames for seed in calib.holdout_seeds]
+
+    def holdout(m: Manifest):
+        """(PSNR per held-out request, all finite) of `m`'s graphs at `precision` vs fp32."""
+        with measurable(m, root, precision) as mm:
+            pipe = Pipeline.for_manifest(root, mm, OnnxRuntimeBackend(root, mm, precision))
+        scores = []
+        for seed, want in zip(calib.holdout_seeds, wanted):
+            try:
+                scores.append(quality.psnr(want, pipe.generate(**calib.request(seed)).frames))
+            except NonFiniteError:
+                return scores, False
+        return scores, True
+
+    scores, finite = holdout(manifest)
+    experts = [n for n in ("dit", "dit_2") if n in manifest.stages]
+    per_expert = {}
+    if len(experts) == 2:  # each expert reduced alone, the other at fp32: which one costs what
+        for name in experts:
+            other = next(n for n in experts if n != name)
+            stage = manifest.stages[other]
+            alone = dataclasses.replace(manifest, stages={**manifest.stages, other: dataclasses.replace(
+                stage, artifacts={**stage.artifacts, precision: stage.artifacts["fp32"]})})
+            each, ok = holdout(alone)
+            per_expert[name] = min(each) if ok and each else float("nan")
     metric = "max_abs / max|fp32|, held-out inputs"
     for name, recorder in held.items():
         err = quality.stage_error(recorder.stage, pipe.stages[name], _every(recorder.samples, 12))
@@ -296,12 +357,12 @@ def build_reduced(precision: str, manifest: Manifest, root: Path, samples: dict,
     psnr = min(scores) if scores else float("nan")
     record = {
         "psnr_db": psnr, "psnr_db_each": scores, "bar_db": bar, "finite": finite,
+        **({"psnr_db_expert_alone": per_expert} if per_expert else {}),
         "vae": "fp32 (the VAE stays fp32 at every precision)",
-        "stage_max_rel": {n: manifest.stages[n].artifacts[precision].validation["max_rel"]
-                          for n in REDUCED_STAGES[precision]},
+        "stage_max_rel": {n: manifest.stages[n].artifacts[precision].validation["max_rel"] for n in reduced},
         "providers": available_providers(),
         **({"note": FP16_EMULATION_NOTE} if emulating_fp16(precision) else {}),
-        "measured_on": {**{k: v for k, v in calib.request(0).items() if k not in ("prompt", "seed")},
+        "measured_on": {**{k: v for k, v in calib.request(0).items() if k not in ("prompt", "seed", "image")},
                         "seeds": list(calib.holdout_seeds)},
     }
     log.info("%s: end-to-end PSNR vs fp32 %.1f dB (bar %g), stage rel err %s, in %.1f s", precision, psnr, bar,

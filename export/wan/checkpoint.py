@@ -6,11 +6,21 @@
     DIR/text_encoder/ config.json + model*.safetensors
     DIR/tokenizer/    tokenizer.json (+ tokenizer_config.json)
     DIR/scheduler/    scheduler_config.json
+    DIR/transformer_2/                   Wan2.2 A14B: the low-noise expert (+ boundary_ratio)
+    DIR/image_encoder/ + image_processor/  Wan2.1 I2V: the CLIP vision tower and its preprocessing
+
+What the DiT is conditioned on (`WanCheckpoint.condition`):
+    "text"         text-to-video (Wan2.1 T2V, Wan2.2 T2V-A14B)
+    "first_frame"  Wan2.2 TI2V-5B: an optional image's latent replaces latent frame 0, whose
+                   tokens get timestep 0 (expand_timesteps)
+    "latents"      image-to-video (Wan2.1 I2V, Wan2.2 I2V-A14B): the VAE encoding of the image
+                   followed by zero frames, and a frame mask, concatenated to the noise on channels;
+                   Wan2.1 I2V adds CLIP image embeddings as extra cross-attention keys
 
 `read_checkpoint` reads only the JSON files and the names of the weight files, and refuses in one
-line what this exporter does not run (another pipeline, two experts, CLIP image conditioning,
-pickle weights, a missing shard, configs that contradict each other). `load_*` then build the
-modules through diffusers' and transformers' own classes, from safetensors only.
+line what this exporter does not run (another pipeline, pickle weights, a missing shard, configs
+that contradict each other). `load_*` then build the modules through diffusers' and
+transformers' own classes, from safetensors only.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ log = logging.getLogger(__name__)
 
 PIPELINES = ("WanPipeline", "WanImageToVideoPipeline")
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+IMAGE_ENCODERS = ("CLIPVisionModel", "CLIPVisionModelWithProjection")
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".pkl")
 # The pipelines' own tokenizer length: WanImageToVideoPipeline splits image from text tokens at
 # `shape[1] - 512`, so the text must be exactly 512 tokens, zero-padded.
@@ -50,6 +61,9 @@ class WanCheckpoint:
     scheduler: dict  # scheduler_config.json
     tokenizer_file: Path
     pad_token: str
+    transformer_2: dict | None = None  # A14B's low-noise expert
+    image_encoder: dict | None = None  # Wan2.1 I2V: CLIP vision config
+    image_processor: dict | None = None  # its preprocessor_config.json
 
     @property
     def expand_timesteps(self) -> bool:
@@ -57,9 +71,40 @@ class WanCheckpoint:
         return bool(self.index.get("expand_timesteps", False))
 
     @property
+    def condition(self) -> str:
+        """How an image conditions the DiT: "text" (none), "first_frame" or "latents"."""
+        if self.expand_timesteps:
+            return "first_frame"
+        return "latents" if self.pipeline == "WanImageToVideoPipeline" else "text"
+
+    @property
     def takes_image(self) -> bool:
-        """Image+text-to-video: TI2V's image is latent frame 0 (WanImageToVideoPipeline)."""
-        return self.pipeline == "WanImageToVideoPipeline" or self.expand_timesteps
+        return self.condition != "text"
+
+    @property
+    def needs_image(self) -> bool:
+        """Image-to-video models generate from an image; TI2V-5B also from text alone."""
+        return self.condition == "latents"
+
+    @property
+    def image_embeddings(self) -> bool:
+        """Wan2.1 I2V: CLIP image embeddings as extra cross-attention keys."""
+        return self.image_encoder is not None
+
+    @property
+    def takes_last_image(self) -> bool:
+        """A last frame in the condition latents (diffusers' `last_image`). Not with CLIP
+        embeddings: Wan2.1's first-last-frame models (pos_embed_seq_len) are refused at read."""
+        return self.condition == "latents" and not self.image_embeddings
+
+    @property
+    def experts(self) -> tuple[str, ...]:
+        """The transformer components, the high-noise expert first."""
+        return ("transformer", "transformer_2") if self.transformer_2 is not None else ("transformer",)
+
+    @property
+    def boundary_ratio(self) -> float | None:
+        return self.index.get("boundary_ratio")
 
     @property
     def version(self) -> str:
@@ -107,22 +152,42 @@ def read_checkpoint(root: str | Path) -> WanCheckpoint:
     pipeline = index.get("_class_name")
     if pipeline not in PIPELINES:
         raise WanError(f"'{root}' holds a {pipeline!r}; wan-export reads {' and '.join(PIPELINES)} folders")
-    if index.get("transformer_2") not in (None, [None, None]) or index.get("boundary_ratio") is not None:
-        raise WanError(f"'{root}' is a two-expert (Wan2.2 A14B) pipeline, which is not supported yet: "
-                       "export a single-transformer Wan2.1 or Wan2.2 TI2V-5B checkpoint")
-    if index.get("image_encoder") not in (None, [None, None]):
-        raise WanError(f"'{root}' conditions on CLIP image embeddings (Wan2.1 image-to-video), which is not "
-                       "supported yet: export a text-to-video or TI2V-5B checkpoint")
     for name in COMPONENTS:
-        if index.get(name) in (None, [None, None]):
+        if _absent(index, name):
             raise WanError(f"'{root}' has no {name} in model_index.json; a Wan pipeline needs "
                            f"{', '.join(COMPONENTS)}")
         if not (root / name).is_dir():
             raise WanError(f"'{root}' has no {name}/ folder (model_index.json names one)")
-    configs = {name: _json(root / name / "config.json", f"{name} config")
-               for name in ("transformer", "vae", "text_encoder")}
-    for name in ("transformer", "vae", "text_encoder"):
+    two_experts = not _absent(index, "transformer_2")
+    ratio = index.get("boundary_ratio")
+    if two_experts != (ratio is not None):
+        have, lacks = ("transformer_2", "boundary_ratio") if two_experts else ("boundary_ratio", "transformer_2")
+        raise WanError(f"'{root}' names {have} but no {lacks} in model_index.json; a two-expert (Wan2.2 A14B) "
+                       "pipeline needs both")
+    if two_experts:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio < 1.0:
+            raise WanError(f"'{root}': boundary_ratio {ratio!r} is not allowed: use a number between 0 and 1")
+        if not (root / "transformer_2").is_dir():
+            raise WanError(f"'{root}' has no transformer_2/ folder (model_index.json names one)")
+    clip = not _absent(index, "image_encoder")
+    if clip:
+        if pipeline != "WanImageToVideoPipeline":
+            raise WanError(f"'{root}': a {pipeline} with an image_encoder; CLIP image embeddings are "
+                           "WanImageToVideoPipeline's")
+        if _absent(index, "image_processor") or not (root / "image_processor").is_dir():
+            raise WanError(f"'{root}' has an image_encoder but no image_processor/ (its preprocessing)")
+        if not (root / "image_encoder").is_dir():
+            raise WanError(f"'{root}' has no image_encoder/ folder (model_index.json names one)")
+        if index["image_encoder"][1] not in IMAGE_ENCODERS:
+            raise WanError(f"'{root}': image_encoder is a {index['image_encoder'][1]}, expected one of "
+                           f"{', '.join(IMAGE_ENCODERS)}")
+    weighted = ("transformer", "vae", "text_encoder", *(("transformer_2",) if two_experts else ()),
+                *(("image_encoder",) if clip else ()))
+    configs = {name: _json(root / name / "config.json", f"{name} config") for name in weighted}
+    for name in weighted:
         check_weights(root / name, name)
+    processor = _json(root / "image_processor" / "preprocessor_config.json", "image processor config") \
+        if clip else None
     scheduler = _json(root / "scheduler" / "scheduler_config.json", "scheduler config")
     scheduler_from_config(scheduler)  # refuses what the runtime cannot run
     tokenizer_file = root / "tokenizer" / "tokenizer.json"
@@ -134,9 +199,15 @@ def read_checkpoint(root: str | Path) -> WanCheckpoint:
     pad = tok_config.get("pad_token", "<pad>")
     pad = pad.get("content", "<pad>") if isinstance(pad, dict) else pad
     ckpt = WanCheckpoint(root, pipeline, index, configs["transformer"], configs["vae"],
-                         configs["text_encoder"], scheduler, tokenizer_file, pad)
+                         configs["text_encoder"], scheduler, tokenizer_file, pad, configs.get("transformer_2"),
+                         configs.get("image_encoder"), processor)
     check_consistent(ckpt)
     return ckpt
+
+
+def _absent(index: dict, name: str) -> bool:
+    """diffusers writes a missing optional component as [null, null]."""
+    return index.get(name) in (None, [None, None])
 
 
 def check_consistent(ckpt: WanCheckpoint) -> None:
@@ -150,21 +221,30 @@ def check_consistent(ckpt: WanCheckpoint) -> None:
         raise WanError(f"{where}: text_encoder is a {te.get('model_type')!r} model, expected UMT5")
     if list(t.get("patch_size", [1, 2, 2])) != [1, 2, 2]:
         raise WanError(f"{where}: transformer patch_size {t.get('patch_size')} is not supported (Wan's is [1, 2, 2])")
-    if t.get("image_dim") is not None or t.get("added_kv_proj_dim") is not None:
-        raise WanError(f"{where}: the transformer takes CLIP image embeddings (Wan2.1 image-to-video), not "
-                       "supported yet")
     z = v.get("z_dim", 16)
-    if t.get("in_channels", 16) != z or t.get("out_channels", 16) != z:
-        raise WanError(f"{where}: transformer in/out channels {t.get('in_channels')}/{t.get('out_channels')} do "
-                       f"not match the VAE's z_dim {z} (image-to-video by channel concat is not supported yet)")
+    mask = v.get("scale_factor_temporal", 4)  # the I2V frame mask: one channel per video frame of a latent frame
+    want_in = {"text": z, "first_frame": z, "latents": z + mask + z}[ckpt.condition]
+    if t.get("in_channels", 16) != want_in or t.get("out_channels", 16) != z:
+        how = {"text": "text-to-video", "first_frame": "TI2V",
+               "latents": f"image-to-video: noise {z} + mask {mask} + image latents {z}"}[ckpt.condition]
+        raise WanError(f"{where}: transformer in/out channels {t.get('in_channels')}/{t.get('out_channels')} do not "
+                       f"fit a {ckpt.pipeline} with the VAE's z_dim {z} ({how} takes {want_in}/{z})")
+    if ckpt.transformer_2 is not None:
+        keys = ("in_channels", "out_channels", "text_dim", "patch_size", "image_dim", "added_kv_proj_dim")
+        differ = [k for k in keys if ckpt.transformer_2.get(k) != t.get(k)]
+        if ckpt.transformer_2.get("_class_name") != "WanTransformer3DModel" or differ:
+            raise WanError(f"{where}: transformer_2 does not match transformer ({', '.join(differ) or '_class_name'} "
+                           "differ); the two experts take the same inputs")
+    if (t.get("image_dim") is not None) != ckpt.image_embeddings:
+        raise WanError(f"{where}: the transformer's image_dim is {t.get('image_dim')} but the pipeline "
+                       f"{'has' if ckpt.image_embeddings else 'has no'} image_encoder")
+    if ckpt.image_embeddings:
+        check_clip(ckpt)
     if t.get("text_dim", 4096) != te.get("d_model"):
         raise WanError(f"{where}: transformer text_dim {t.get('text_dim')} does not match the text encoder's "
                        f"d_model {te.get('d_model')}")
     if v.get("patch_size") not in (None, 1, 2):
         raise WanError(f"{where}: vae patch_size {v.get('patch_size')} is not supported (None or 2)")
-    if ckpt.pipeline == "WanImageToVideoPipeline" and not ckpt.expand_timesteps:
-        raise WanError(f"{where}: image-to-video by condition latents (Wan2.1 I2V, Wan2.2 I2V-A14B) is not "
-                       "supported yet; Wan2.2 TI2V-5B (expand_timesteps) is")
     if ckpt.expand_timesteps and z != 48:
         raise WanError(f"{where}: expand_timesteps is set but the VAE is z_dim {z}; TI2V-5B uses the 48-channel "
                        "Wan2.2 VAE")
@@ -174,10 +254,45 @@ def check_consistent(ckpt: WanCheckpoint) -> None:
             raise WanError(f"{where}: vae {key} has {len(values)} entries, z_dim is {z}")
 
 
-def load_transformer(ckpt: WanCheckpoint):
+def check_clip(ckpt: WanCheckpoint) -> None:
+    """Wan2.1 I2V's CLIP vision tower and preprocessing: what the runtime's numpy copy of
+    CLIPImageProcessor (runtime/clip.py) and the image_encoder stage handle."""
+    where, c, p = f"'{ckpt.root}'", ckpt.image_encoder, ckpt.image_processor
+    if ckpt.transformer.get("pos_embed_seq_len") is not None:
+        raise WanError(f"{where} is a first-last-frame model (Wan2.1 FLF2V: pos_embed_seq_len), which is not "
+                       "supported yet: export an image-to-video checkpoint")
+    if c.get("model_type") != "clip_vision_model":
+        raise WanError(f"{where}: image_encoder is a {c.get('model_type')!r} model, expected clip_vision_model")
+    if c.get("hidden_size") != ckpt.transformer.get("image_dim"):
+        raise WanError(f"{where}: image_encoder hidden_size {c.get('hidden_size')} does not match the "
+                       f"transformer's image_dim {ckpt.transformer.get('image_dim')}")
+    side = c.get("image_size", 224)
+    crop = p.get("crop_size", side)
+    crop = (crop.get("height"), crop.get("width")) if isinstance(crop, dict) else (crop, crop)
+    if not p.get("do_center_crop", True) or crop != (side, side):
+        raise WanError(f"{where}: image_processor crops to {crop}, the image encoder takes {side}x{side}")
+    size = p.get("size", {"shortest_edge": side})
+    size = size if isinstance(size, dict) else {"shortest_edge": size}
+    if not p.get("do_resize", True) or not ({"shortest_edge"} == set(size) or {"height", "width"} == set(size)):
+        raise WanError(f"{where}: image_processor size {size} is not supported (shortest_edge, or height and width)")
+    if min(size.values()) < side:
+        raise WanError(f"{where}: image_processor resizes to {size}, smaller than its {side}x{side} crop")
+    if p.get("resample", 3) not in range(6):
+        raise WanError(f"{where}: image_processor resample {p.get('resample')!r} is not a PIL filter (0-5)")
+
+
+def load_transformer(ckpt: WanCheckpoint, name: str = "transformer"):
     from diffusers import WanTransformer3DModel
 
-    return _load(WanTransformer3DModel, ckpt.root / "transformer", "transformer")
+    return _load(WanTransformer3DModel, ckpt.root / name, name.replace("_", " "))
+
+
+def load_image_encoder(ckpt: WanCheckpoint):
+    import transformers
+
+    cls = getattr(transformers, ckpt.index["image_encoder"][1])  # one of IMAGE_ENCODERS, checked at read
+    # the eager attention exports wherever sdpa's does not (as UMT5's); same weights
+    return _load(cls, ckpt.root / "image_encoder", "image encoder", attn_implementation="eager")
 
 
 def load_vae(ckpt: WanCheckpoint):

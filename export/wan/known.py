@@ -3,7 +3,9 @@
 A folder is recognised by its transformer's shape (so a fine-tune of a release gets the
 release's defaults); the defaults go into the manifest, where `wan-run` takes them from. A folder
 that matches none gets diffusers' pipeline defaults and the flow shift of its own scheduler.
-Sources: the Wan-AI model cards and diffusers' WanPipeline docs (480p: flow shift 3.0, 720p: 5.0).
+Sources: the Wan-AI model cards, the Wan2.1 / Wan2.2 repositories' generation configs (A14B:
+40 steps, T2V guidance 4.0 high noise / 3.0 low noise and shift 12, I2V 3.5 / 3.5 and shift 5) and
+diffusers' WanPipeline docs (480p: flow shift 3.0, 720p: 5.0).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ class KnownModel:
     width: int
     steps: int = 50
     guidance: float = 5.0
+    guidance_2: float | None = None  # A14B: the low-noise expert's
     flow_shift: float = 5.0
     fps: int = 16
     note: str = ""
@@ -38,14 +41,17 @@ KNOWN_MODELS = (
                note="text-to-video, 720p (480p: --height 480 --width 832 --shift 3)"),
     KnownModel("Wan-AI/Wan2.2-TI2V-5B-Diffusers", _t(24, 30, 14336, 48), True, 121, 704, 1280, fps=24,
                note="text-to-video and image+text-to-video, 720p, 48-channel VAE"),
-    KnownModel("Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", _t(40, 40, 13824, 36, image_dim=1280), False, 81, 480, 832,
-               flow_shift=3.0, note="image-to-video with CLIP image embeddings: not yet"),
-    KnownModel("Wan-AI/Wan2.1-I2V-14B-720P-Diffusers", _t(40, 40, 13824, 36, image_dim=1280), False, 81, 720,
-               1280, note="image-to-video with CLIP image embeddings: not yet"),
-    KnownModel("Wan-AI/Wan2.2-T2V-A14B-Diffusers", _t(40, 40, 13824), False, 81, 720, 1280, guidance=4.0,
-               flow_shift=12.0, note="two experts: not yet"),
-    KnownModel("Wan-AI/Wan2.2-I2V-A14B-Diffusers", _t(40, 40, 13824, 36), False, 81, 720, 1280, guidance=3.5,
-               note="two experts, image-to-video: not yet"),
+    KnownModel("Wan-AI/Wan2.1-I2V-14B-480P-Diffusers", _t(40, 40, 13824, 36, image_dim=1280), True, 81, 480, 832,
+               steps=40, flow_shift=3.0, note="image-to-video (CLIP image embeddings), 480p"),
+    KnownModel("Wan-AI/Wan2.1-I2V-14B-720P-Diffusers", _t(40, 40, 13824, 36, image_dim=1280), True, 81, 720,
+               1280, steps=40, note="image-to-video (CLIP image embeddings), 720p"),
+    KnownModel("Wan-AI/Wan2.2-T2V-A14B-Diffusers", _t(40, 40, 13824), True, 81, 720, 1280, steps=40, guidance=4.0,
+               guidance_2=3.0, flow_shift=12.0, note="two experts, text-to-video"),
+    KnownModel("Wan-AI/Wan2.2-I2V-A14B-Diffusers", _t(40, 40, 13824, 36), True, 81, 720, 1280, steps=40,
+               guidance=3.5, guidance_2=3.5, note="two experts, image-to-video (+ --last-image)"),
+    KnownModel("Wan-AI/Wan2.1-FLF2V-14B-720P-diffusers", _t(40, 40, 13824, 36, image_dim=1280,
+                                                            pos_embed_seq_len=514), False, 81, 720, 1280,
+               note="first-last-frame with CLIP embeddings: not yet"),
 )
 
 
@@ -67,6 +73,7 @@ def table() -> str:
         if not k.supported:  # refused in one line by wan-export --model; no defaults to promise
             rows.append(f"{k.name:<40} {'not yet':<8} {'':<10} {'':>6} {'':>5} {'':>8} {'':>5} {'':>4}  {k.note}")
             continue
+        guidance = f"{k.guidance:g}" + (f"/{k.guidance_2:g}" if k.guidance_2 is not None else "")
         rows.append(f"{k.name:<40} {'yes':<8} {f'{k.width}x{k.height}':<10} "
-                    f"{k.frames:>6} {k.steps:>5} {k.guidance:>8g} {k.flow_shift:>5g} {k.fps:>4}  {k.note}")
+                    f"{k.frames:>6} {k.steps:>5} {guidance:>8} {k.flow_shift:>5g} {k.fps:>4}  {k.note}")
     return "\n".join(rows)

@@ -3,9 +3,15 @@ own modules (nothing re-implemented), and their `StageSpec`s.
 
     text_encoder       ids, mask (B, 512) int64 -> prompt embeddings (B, 512, D), zero past each
                        prompt's tokens (the pipeline trims to the prompt and zero-pads to 512)
+    image_encoder      Wan2.1 I2V: CLIP pixels (B, 3, S, S) -> the vision tower's penultimate
+                       hidden states (B, N, D_img), as the pipeline takes them
     vae_encoder        TI2V's image (B, 3, 1, H, W) in [-1, 1] -> normalized latent (B, z, 1, h, w)
-    dit                latent, timestep, text embeddings -> velocity; the timestep is (B,), or
-                       (B, F, Hp, Wp) per token for TI2V (flattened to diffusers' (B, F*Hp*Wp))
+    vae_encoder_first  I2V: video frame 0 -> latent frame 0 + the encoder's feature caches
+    vae_encoder_step   I2V: 4 video frames + caches -> one latent frame + the new caches
+    dit, dit_2         latent, timestep, text embeddings (+ I2V's condition latents and Wan2.1's
+                       image embeddings) -> velocity; the timestep is (B,), or (B, F, Hp, Wp) per
+                       token for TI2V (flattened to diffusers' (B, F*Hp*Wp)). dit_2 is A14B's
+                       low-noise expert, the same spec.
     vae_decoder_first  latent frame 0 -> video frame 0 + the decoder's feature caches
     vae_decoder_step   one latent frame + caches -> 4 video frames + the new caches
 
@@ -16,14 +22,18 @@ loop stays in the runtime and the caches become graph inputs and outputs. The fi
 Wan2.2's DupUp3D drops its first frames), so it is its own graph. Its caches are handed on as two
 frames, left-padded with zeros: a causal conv pads with zeros where a cache is short, and treats
 "Rep" as no cache, so the step graph sees exactly what diffusers' second call computes.
+The encoder (I2V's condition video) is streamed the same way, in diffusers' chunks of 1, 4, 4, ...
+frames; its downsamplers' time convs keep one frame, skipped on the first chunk as diffusers does.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
-from runtime.stages import Dim, Geometry, StageSpec, TensorSpec, stream_decoder_specs
+from runtime.stages import Dim, Geometry, StageSpec, TensorSpec, stream_decoder_specs, stream_encoder_specs
 
 CACHE_T = 2  # frames of each causal conv's cache (diffusers' CACHE_T)
 
@@ -75,16 +85,80 @@ class ImageEncoderStage(nn.Module):
         return (mu - self.mean) * self.inv_std
 
 
+class CLIPStage(nn.Module):
+    """transformers' CLIP vision tower: the penultimate layer's hidden states, as diffusers'
+    WanImageToVideoPipeline.encode_image takes them (`hidden_states[-2]`)."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, pixels):
+        return self.encoder(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]  # (B, N, D)
+
+
+class EncoderChunkStage(nn.Module):
+    """One chunk of the VAE encoder (1 frame first, then 4) with explicit caches: the posterior
+    mean, normalized. `first`: diffusers' first call, with empty caches (the graph takes none)."""
+
+    def __init__(self, vae, layout: list[tuple[int, int, int]], first: bool):
+        super().__init__()
+        self.vae, self.layout, self.first = vae, layout, first
+        mean, inv_std = latent_stats(vae)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("inv_std", inv_std, persistent=False)
+
+    def forward(self, video, *caches):
+        vae = self.vae
+        x = video
+        if vae.config.patch_size is not None:
+            x = _vae_module().patchify(x, patch_size=vae.config.patch_size)  # (B, 3*p*p, n, H/p, W/p)
+        cache = [None] * len(self.layout) if self.first else list(caches)
+        h = vae.quant_conv(vae.encoder(x, feat_cache=cache, feat_idx=[0]))  # (B, 2z, 1, h, w)
+        mu = h[:, : vae.config.z_dim]  # the posterior's mean: the pipeline's sample_mode="argmax"
+        return ((mu - self.mean) * self.inv_std, *(left_pad(c, f) for c, (_, f, _) in zip(cache, self.layout)))
+
+
+def left_pad(cache: torch.Tensor, frames: int) -> torch.Tensor:
+    """A cache with fewer than `frames` frames, zero frames in front: what a causal conv pads."""
+    if cache.shape[2] >= frames:
+        return cache
+    return torch.cat([cache.new_zeros(*cache.shape[:2], frames - cache.shape[2], *cache.shape[3:]), cache], dim=2)
+
+
+@torch.no_grad()
+def encoder_cache_layout(vae) -> list[tuple[int, int, int]]:
+    """(channels, frames, scale) of each encoder cache after a 4-frame chunk (its steady state),
+    scale relative to the latent's height, found by encoding 1 + 4 frames of a small video eagerly."""
+    h = 4
+    p = vae.config.patch_size or 1
+    side = h * vae.config.scale_factor_spatial // p  # the encoder's input, patchified
+    cache, used = [None] * vae._cached_conv_counts["encoder"], [0]
+    for frames in (1, 4):
+        used = [0]
+        vae.encoder(torch.zeros(1, 3 * p * p, frames, side, side), feat_cache=cache, feat_idx=used)
+    return [(int(c.shape[1]), int(c.shape[2]), int(c.shape[3]) // h) for c in cache[: used[0]]]
+
+
 class DiTStage(nn.Module):
-    def __init__(self, transformer, per_token_timestep: bool):
+    """diffusers' transformer. `extra` names the inputs after (latent, timestep, text) that this
+    model takes: "condition" (I2V: mask + image latents, concatenated to the latent on channels as
+    the pipeline does) and "image" (Wan2.1 I2V's CLIP embeddings)."""
+
+    def __init__(self, transformer, per_token_timestep: bool, extra: tuple[str, ...] = ()):
         super().__init__()
         self.transformer = transformer
         self.per_token = per_token_timestep
+        self.extra = extra
 
-    def forward(self, latent, timestep, text):
+    def forward(self, latent, timestep, text, *extra):
+        given = dict(zip(self.extra, extra))
         t = timestep.flatten(1) if self.per_token else timestep  # (B, F, Hp, Wp) -> (B, F*Hp*Wp)
-        return self.transformer(hidden_states=latent, timestep=t, encoder_hidden_states=text,
-                                return_dict=False)[0]
+        x = latent
+        if "condition" in given:
+            x = torch.cat([latent, given["condition"]], dim=1)  # (B, z + 4 + z, F, h, w)
+        return self.transformer(hidden_states=x, timestep=t, encoder_hidden_states=text,
+                                encoder_hidden_states_image=given.get("image"), return_dict=False)[0]
 
 
 class _DecoderChunk(nn.Module):
@@ -110,15 +184,8 @@ class _DecoderChunk(nn.Module):
     def padded(self, cache: list, latent) -> list[torch.Tensor]:
         """Every cache as CACHE_T frames: short ones left-padded with zeros, "Rep" as zeros."""
         B, _, _, h, w = latent.shape
-        out = []
-        for entry, (c, f, k) in zip(cache, self.layout):
-            if isinstance(entry, str):  # "Rep": an upsampler's time conv that has not run yet
-                entry = latent.new_zeros(B, c, f, h * k, w * k)
-            elif entry.shape[2] < CACHE_T:
-                entry = torch.cat([entry.new_zeros(*entry.shape[:2], CACHE_T - entry.shape[2],
-                                                   *entry.shape[3:]), entry], dim=2)
-            out.append(entry)
-        return out
+        return [latent.new_zeros(B, c, f, h * k, w * k) if isinstance(entry, str)  # "Rep": not run yet
+                else left_pad(entry, CACHE_T) for entry, (c, f, k) in zip(cache, self.layout)]
 
 
 class DecoderFirstStage(_DecoderChunk):
@@ -150,40 +217,73 @@ def wan_geometry(vae_config: dict) -> Geometry:
                     spatial_stride=vae_config.get("scale_factor_spatial", 8), patch=(2, 2))
 
 
-def wan_stage_specs(geom: Geometry, text_dim: int, text_length: int, per_token_timestep: bool,
-                    takes_image: bool, cache_layout: list[tuple[int, int, int]] | None) -> dict[str, StageSpec]:
-    """Every stage's spec; the streaming decoder's only with its `cache_layout` (which needs
-    the VAE: `decoder_cache_layout`)."""
-    ph, pw = geom.patch
-    sh, sw = geom.pixels_per_token
-    B, C = Dim("B"), Dim.fixed(geom.latent_channels)
-    latent = (B, C, Dim("F"), Dim("Hp", ph), Dim("Wp", pw))
-    L = Dim.fixed(text_length)
-    timestep = (B, Dim("F"), Dim("Hp"), Dim("Wp")) if per_token_timestep else (B,)
-    specs = {
-        "text_encoder": StageSpec(
-            "text_encoder",
-            inputs=(TensorSpec("ids", (B, L), "int64", value_range=(0, 32)),
-                    TensorSpec("mask", (B, L), "int64", value_range=(0, 2))),
-            outputs=(TensorSpec("text", (B, L, Dim.fixed(text_dim))),),
-        ),
-        "dit": StageSpec(
-            "dit",
-            inputs=(TensorSpec("latent", latent),
-                    TensorSpec("timestep", timestep, value_range=(0.0, 1000.0)),
-                    TensorSpec("text", (B, L, Dim.fixed(text_dim)))),
-            outputs=(TensorSpec("velocity", latent),),
-        ),
-    }
-    if takes_image:
-        specs["vae_encoder"] = StageSpec(
-            "vae_encoder",
-            inputs=(TensorSpec("image", (B, Dim.fixed(3), Dim.fixed(1), Dim("Hp", sh), Dim("Wp", sw)),
-                               value_range=(-1.0, 1.0)),),
-            outputs=(TensorSpec("latent", (B, C, Dim.fixed(1), Dim("Hp", ph), Dim("Wp", pw))),),
-        )
-    if cache_layout is None:
+@dataclass(frozen=True)
+class WanStages:
+    """What a checkpoint's stages are, and their specs: the one place their shapes are written."""
+
+    geometry: Geometry
+    text_dim: int
+    text_length: int
+    condition: str  # "text", "first_frame" (TI2V) or "latents" (I2V): WanCheckpoint.condition
+    experts: int = 1  # 2: A14B's dit (high noise) and dit_2 (low noise)
+    clip: tuple[int, int, int] | None = None  # Wan2.1 I2V: (image side, tokens, embedding dim)
+    # (channels, frames, scale relative to the latent's height) per cache: decoder_cache_layout,
+    # encoder_cache_layout; the VAE stages' specs need them, the others do not
+    decoder_caches: tuple[tuple[int, int, int], ...] | None = None
+    encoder_caches: tuple[tuple[int, int, int], ...] | None = None
+
+    @property
+    def dits(self) -> tuple[str, ...]:
+        return ("dit", "dit_2")[: self.experts]
+
+    def names(self) -> list[str]:
+        """Every stage, in the order the runtime runs them."""
+        return ["text_encoder", *(["image_encoder"] if self.clip else []),
+                *({"text": [], "first_frame": ["vae_encoder"],
+                   "latents": ["vae_encoder_first", "vae_encoder_step"]}[self.condition]),
+                *self.dits, "vae_decoder_first", "vae_decoder_step"]
+
+    def specs(self) -> dict[str, StageSpec]:
+        geom = self.geometry
+        ph, pw = geom.patch
+        sh, sw = geom.pixels_per_token
+        B, C = Dim("B"), Dim.fixed(geom.latent_channels)
+        grid = (Dim("F"), Dim("Hp", ph), Dim("Wp", pw))
+        latent = (B, C, *grid)
+        text = TensorSpec("text", (B, Dim.fixed(self.text_length), Dim.fixed(self.text_dim)))
+        timestep = (B, Dim("F"), Dim("Hp"), Dim("Wp")) if self.condition == "first_frame" else (B,)
+        dit_inputs = [TensorSpec("latent", latent), TensorSpec("timestep", timestep, value_range=(0.0, 1000.0)),
+                      text]
+        if self.condition == "latents":  # frame mask (one channel per video frame) + image latents
+            mask = geom.temporal_stride
+            dit_inputs.append(TensorSpec("condition", (B, Dim.fixed(mask + geom.latent_channels), *grid)))
+        specs = {
+            "text_encoder": StageSpec(
+                "text_encoder",
+                inputs=(TensorSpec("ids", (B, text.dims[1]), "int64", value_range=(0, 32)),
+                        TensorSpec("mask", (B, text.dims[1]), "int64", value_range=(0, 2))),
+                outputs=(text,),
+            ),
+        }
+        if self.clip:
+            side, tokens, dim = self.clip
+            image = TensorSpec("image", (B, Dim.fixed(tokens), Dim.fixed(dim)))
+            specs["image_encoder"] = StageSpec(
+                "image_encoder", (TensorSpec("pixels", (B, Dim.fixed(3), Dim.fixed(side), Dim.fixed(side))),),
+                (image,))
+            dit_inputs.append(image)
+        for name in self.dits:
+            specs[name] = StageSpec(name, tuple(dit_inputs), (TensorSpec("velocity", latent),))
+        if self.condition == "first_frame":
+            specs["vae_encoder"] = StageSpec(
+                "vae_encoder",
+                inputs=(TensorSpec("image", (B, Dim.fixed(3), Dim.fixed(1), Dim("Hp", sh), Dim("Wp", sw)),
+                                   value_range=(-1.0, 1.0)),),
+                outputs=(TensorSpec("latent", (B, C, Dim.fixed(1), Dim("Hp", ph), Dim("Wp", pw))),),
+            )
+        # cache scales are relative to the latent's height 2*Hp: Dim("Hp", 2 * k)
+        if self.condition == "latents" and self.encoder_caches is not None:
+            specs.update(stream_encoder_specs(geom, [(c, f, ph * k) for c, f, k in self.encoder_caches]))
+        if self.decoder_caches is not None:
+            specs.update(stream_decoder_specs(geom, [(c, f, ph * k) for c, f, k in self.decoder_caches]))
         return specs
-    # cache scales are relative to the latent's height 2*Hp: Dim("Hp", 2 * k)
-    layout = [(c, f, ph * k) for c, f, k in cache_layout]
-    return {**specs, **stream_decoder_specs(geom, layout)}
