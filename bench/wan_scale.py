@@ -22,23 +22,34 @@ from pathlib import Path
 import click
 
 
-def make_folder(out: Path, layers: int) -> dict:
+def wide_transformer(layers: int, seed: int = 0):
+    """The Wan2.1-1.3B transformer's shape, `layers` of its 30, random weights."""
     import torch
-    from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128,
+                                 in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960,
+                                 num_layers=layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads")
+
+
+def make_folder(out: Path, layers: int, experts: int = 1) -> dict:
+    """A pipeline folder at Wan width; `experts=2`: an A14B-style pair (boundary_ratio 0.875)."""
+    import torch
+    from diffusers import AutoencoderKLWan, WanPipeline
     from transformers import UMT5Config, UMT5EncoderModel
 
     from tests.wan_tiny import tokenizer, unipc
 
+    transformer = wide_transformer(layers)
     torch.manual_seed(0)
-    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128,
-                                        in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960,
-                                        num_layers=layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads")
     vae = AutoencoderKLWan(base_dim=32, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
                            temperal_downsample=[False, True, True])
     text = UMT5EncoderModel(UMT5Config(vocab_size=128, d_model=4096, d_kv=64, d_ff=256, num_layers=2,
                                        num_heads=4, feed_forward_proj="gated-gelu")).eval()
+    two = {"transformer_2": wide_transformer(layers, seed=1), "boundary_ratio": 0.875} if experts == 2 else {}
     WanPipeline(tokenizer=tokenizer(), text_encoder=text, vae=vae, transformer=transformer,
-                scheduler=unipc()).save_pretrained(out)
+                scheduler=unipc(), **two).save_pretrained(out)
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     return {"transformer_params": count(transformer), "vae_params": count(vae), "text_encoder_params": count(text)}
 

@@ -14,6 +14,7 @@ EXAMPLES = """
 \b
 Examples:
   wan-export --model Wan2.1-T2V-1.3B-Diffusers --out artifacts/wan21-1.3b   # a released checkpoint
+  wan-export --model Wan2.1-I2V-14B-480P-Diffusers --out artifacts/i2v --reuse artifacts/wan21-14b
   wan-export --list-models
   wan-export --preset small --out artifacts/small
   wan-export --preset tiny --attention full --out artifacts/tiny-full
@@ -21,7 +22,10 @@ Examples:
   wan-export --preset small --out artifacts/small --force   # rebuild in place
 
 --model takes a Wan pipeline folder in the Hugging Face diffusers layout (model_index.json with
-transformer/, vae/, text_encoder/, tokenizer/, scheduler/; safetensors weights). A config JSON
+transformer/, vae/, text_encoder/, tokenizer/, scheduler/; safetensors weights; Wan2.2 A14B
+adds transformer_2/, Wan2.1 I2V image_encoder/ and image_processor/). --reuse copies the stages
+another export made from the same weights (releases share the VAE and the text encoder) instead
+of exporting them again. A config JSON
 holds the fields of a preset (see export/config.py), either in full or as
 {"preset": "small", ...overrides}. Weights: --checkpoint (a .safetensors file), else the
 preset's bundled trained weights (small), else seeded initialization (tiny). Each stage is checked against PyTorch in ONNX Runtime; the measured
@@ -66,12 +70,14 @@ errors go into manifest.json, and a stage over its tolerance fails the build.
               help="TensorRT-RTX target GPU architectures (repeatable), e.g. SM86 SM89.")
 @click.option("--timing-cache", type=click.Path(path_type=str),
               help="TensorRT timing cache to load and update (default: one inside the artifacts).")
+@click.option("--reuse", type=click.Path(path_type=str), help="--model: an artifact directory whose stages "
+              "made from the same weights, code and tools are copied, not exported again.")
 @click.option("--force", is_flag=True, help="Replace an existing artifact directory (only one written by "
               "wan-export and holding nothing else; only after the new build has succeeded).")
 @click.option("--debug", is_flag=True, help="Tracebacks and the exporter's own logging.")
 def main(model_dir, list_models, preset, config_path, checkpoint, out, attention, opset, precision_list,
          int8_float_layers, tensorrt, trt_flavour, min_shape, opt_shape, max_shape,
-         builder_optimization_level, compute_capability, timing_cache, force, debug):
+         builder_optimization_level, compute_capability, timing_cache, reuse, force, debug):
     """Export a model's stages to validated ONNX graphs (and TensorRT engines) with a manifest:
     a released Wan checkpoint (--model) or this project's own model (--preset / --config)."""
     from export.config import get_preset, load_config
@@ -92,8 +98,10 @@ def main(model_dir, list_models, preset, config_path, checkpoint, out, attention
             raise WanError(f"--model is a released checkpoint: {', '.join(given) or '--int8-float-layers'} "
                            "belongs to the project's own model, not to it")
         export_released(model_dir, out, force, opset, precision_list, tensorrt, trt_flavour, min_shape,
-                        opt_shape, max_shape, builder_optimization_level, compute_capability, timing_cache)
+                        opt_shape, max_shape, builder_optimization_level, compute_capability, timing_cache, reuse)
         return
+    if reuse:
+        raise WanError("--reuse copies stages of released models: it goes with --model")
     cfg = load_config(config_path) if config_path else get_preset(preset or "small")
     if attention:
         cfg = dataclasses.replace(cfg, dit=dataclasses.replace(cfg.dit, attention=attention))
@@ -130,6 +138,9 @@ def report(manifest, out, engines) -> None:
         stages = ", ".join(f"{n} {e:.1e}" for n, e in q["stage_max_rel"].items())
         click.echo(f"  {p}: {q['psnr_db']:.1f} dB vs fp32 (bar {q['bar_db']:g}), VAE {q['vae']}; "
                    f"stage rel err: {stages}")
+        if "psnr_db_expert_alone" in q:
+            alone = ", ".join(f"{n} {db:.1f} dB" for n, db in q["psnr_db_expert_alone"].items())
+            click.echo(f"    each expert reduced alone (the other fp32): {alone}")
         if "note" in q:
             click.echo(f"    ({q['note']})")
     if engines is not None:
@@ -140,7 +151,7 @@ def report(manifest, out, engines) -> None:
 
 
 def export_released(model_dir, out, force, opset, precision_list, tensorrt, flavour, min_shape, opt_shape,
-                    max_shape, level, targets, timing_cache) -> None:
+                    max_shape, level, targets, timing_cache, reuse=None) -> None:
     """--model: a diffusers-layout Wan folder through export/wan/build.py."""
     try:
         from export.wan.build import (MAX_VIDEO_FRAMES, MAX_VIDEO_PX, build_wan_artifacts, defaults,
@@ -157,7 +168,7 @@ def export_released(model_dir, out, force, opset, precision_list, tensorrt, flav
         engines = engine_options(video, maxima, wan_geometry(ckpt.vae).pixels_per_token[0], min_shape, opt_shape,
                                  max_shape, flavour, level, targets, timing_cache)
     manifest = build_wan_artifacts(model_dir, out, force=force, opset=opset, precisions=precisions,
-                                   engines=engines)
+                                   engines=engines, reuse=reuse)
     size = sum(f["size"] for f in manifest.files.values()) / 1e6
     release = manifest.model["release"]
     click.echo(f"wrote {out}: {manifest.model['pipeline']} ({manifest.model['version']}"

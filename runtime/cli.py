@@ -134,8 +134,8 @@ WAN_ONLY = ("prompt", "negative_prompt", "scheduler", "guidance_2", "last_image"
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or timing table.")
 @click.option("--debug", is_flag=True, help="Tracebacks and debug logging.")
 def main(artifacts, prompt, negative_prompt, image, last_image, output, frames, height, width, steps, guidance,
-         guidance_2, shift, scheduler, guidance_rescale, solver, seed, move, bend, turn, zoom, still, fps, precision,
-         backend, low_memory, threads, verify, expect_manifest, overwrite, quiet, debug):
+         guidance_2, shift, scheduler, guidance_rescale, solver, seed, move, bend, turn, zoom, still, fps,
+         precision, backend, low_memory, threads, verify, expect_manifest, overwrite, quiet, debug):
     """Generate a video from a wan-export artifact directory: from a text prompt (released Wan
     models; TI2V-5B also from a first frame), or by animating a reference image (the project's
     own model)."""

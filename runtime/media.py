@@ -48,7 +48,8 @@ MAX_IMAGE_PIXELS = 100_000_000
 MAX_IMAGE_ASPECT = 16
 
 
-def load_image(path: PathLike, height: int, width: int, fit: str = "cover", what: str = "reference image") -> np.ndarray:
+def load_image(path: PathLike, height: int, width: int, fit: str = "cover",
+               what: str = "reference image") -> np.ndarray:
     """Read an image and bring it to (height, width); return uint8 (H, W, 3). `fit`: "cover"
     scales it to cover the size and takes the centre (bicubic; the seed family), "stretch"
     resizes it to the size exactly (Lanczos, as diffusers' VaeImageProcessor does), "none" keeps

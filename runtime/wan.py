@@ -144,8 +144,8 @@ class WanPipeline(Pipeline):
         guidance = real("guidance", sampler["guidance"] if guidance is None else guidance, 0.0, MAX_GUIDANCE,
                         " (CFG runs above 1)")
         if len(self.experts) == 2:
-            guidance_2 = real("guidance 2", sampler.get("guidance_2", guidance) if guidance_2 is None else guidance_2,
-                              0.0, MAX_GUIDANCE, " (the low-noise expert's)")
+            guidance_2 = sampler.get("guidance_2", guidance) if guidance_2 is None else guidance_2
+            guidance_2 = real("guidance 2", guidance_2, 0.0, MAX_GUIDANCE, " (the low-noise expert's)")
         shift = real("shift", sampler["shift"] if shift is None else shift, *SHIFT_RANGE)
         seed = whole("seed", seed, 0, MAX_SEED)
         with_override(self.manifest.family_config["scheduler"], scheduler)  # refuses an unknown name

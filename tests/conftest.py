@@ -128,37 +128,91 @@ def fake_stages(monkeypatch, build_mod, on_export=None):
         "passed": True, "max_abs": 0.0, "max_rel": 0.0, "tolerance": 1e-4})
 
 
-@pytest.fixture(scope="session")
-def wan_folder(tmp_path_factory):
-    """version ("wan2.1" T2V, "wan2.2" TI2V-5B) -> a tiny diffusers-layout pipeline folder."""
-    from tests.wan_tiny import save_pipeline
+# What each tiny export adds to `wan-export --model`: Wan2.1 T2V at fp16/int8, A14B at fp16/int8
+# (per-expert calibration); the others fp32. TensorRT engines (where tensorrt-rtx builds them) for
+# Wan2.1 T2V, A14B and Wan2.1 I2V: every kind of stage at every precision. The tiny pipelines share
+# their seeded text encoder (and the Wan2.1 ones their VAE), so each export --reuse-s those stages
+# from the one before it, as a user exporting several releases would.
+WAN_ORDER = ("wan2.2", "wan2.1", "a14b", "a14b-i2v", "wan2.1-i2v")
+WAN_EXPORT_ARGS = {"wan2.1": ["--precision", "fp16,int8"], "a14b": ["--precision", "fp16,int8"]}
+WAN_ENGINES = ("wan2.1", "a14b", "wan2.1-i2v")
 
-    made = {}
+
+class WanBuilds:
+    """The tiny Wan folders and their exports, made in order by one background thread of
+    subprocesses (so they overlap with the tests that need none of them; nothing of torch runs in
+    the test process's threads). `folder(v)` and `artifacts(v)` wait for theirs."""
+
+    def __init__(self, root):
+        import threading
+
+        self.root, self.results, self.errors = root, {}, {}
+        self.ready = {(kind, v): threading.Event() for kind in ("folder", "artifacts") for v in WAN_ORDER}
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        from pathlib import Path
+
+        repo = Path(__file__).resolve().parent.parent
+        try:
+            code = ("import sys; from pathlib import Path; from tests.wan_tiny import save_pipeline; "
+                    "[save_pipeline(Path(sys.argv[1]) / v, v) for v in sys.argv[2:]]")
+            r = subprocess.run([sys.executable, "-c", code, str(self.root / "folders"), *WAN_ORDER], cwd=repo,
+                               capture_output=True, text=True, timeout=900)
+            for v in WAN_ORDER:
+                self.errors[("folder", v)] = None if r.returncode == 0 else r.stderr[-3000:]
+                self.ready[("folder", v)].set()
+            previous = None
+            for v in WAN_ORDER:
+                extra = list(WAN_EXPORT_ARGS.get(v, []))
+                if v in WAN_ENGINES and HAVE_TRT_BUILDER:
+                    extra += ["--tensorrt", "--min", "1x32x32", "--opt", "9x32x32", "--max", "17x64x64"]
+                if previous is not None:
+                    extra += ["--reuse", previous]
+                out = self.root / "artifacts" / v
+                r = run_cli("wan-export", "--model", self.root / "folders" / v, "--out", out, *extra)
+                self.results[v] = r
+                self.errors[("artifacts", v)] = None if r.returncode == 0 else r.stderr[-3000:]
+                self.ready[("artifacts", v)].set()
+                previous = out if r.returncode == 0 else previous
+        finally:  # a crash here must not leave the tests waiting
+            for key, event in self.ready.items():
+                self.errors.setdefault(key, "the build thread stopped before this")
+                event.set()
+
+    def get(self, kind: str, version: str):
+        assert version in WAN_ORDER, version
+        assert self.ready[(kind, version)].wait(timeout=1800), f"{kind} {version}: timed out"
+        assert self.errors[(kind, version)] is None, self.errors[(kind, version)]
+        return self.root / ("folders" if kind == "folder" else "artifacts") / version
+
+
+@pytest.fixture(scope="session")
+def wan_builds(tmp_path_factory):
+    return WanBuilds(tmp_path_factory.mktemp("wan"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _start_wan_builds(request):
+    """Start the Wan builds with the session when any collected test uses them."""
+    if any({"wan_folder", "wan_artifacts"} & set(item.fixturenames) for item in request.session.items):
+        request.getfixturevalue("wan_builds")
+
+
+@pytest.fixture(scope="session")
+def wan_folder(wan_builds):
+    """version ("wan2.1" T2V, "wan2.2" TI2V-5B, "a14b", "a14b-i2v", "wan2.1-i2v": tests/wan_tiny.py)
+    -> a tiny diffusers-layout pipeline folder."""
+    return lambda version: wan_builds.get("folder", version)
+
+
+@pytest.fixture(scope="session")
+def wan_artifacts(wan_builds):
+    """version -> `wan-export --model FOLDER --out DIR` run as a user would, once per session;
+    `.result(version)`: that command's CompletedProcess."""
 
     def get(version: str):
-        if version not in made:
-            made[version] = save_pipeline(tmp_path_factory.mktemp("wan-folders") / f"tiny-{version}", version)
-        return made[version]
+        return wan_builds.get("artifacts", version)
 
-    return get
-
-
-@pytest.fixture(scope="session")
-def wan_artifacts(tmp_path_factory, wan_folder):
-    """version -> `wan-export --model FOLDER --out DIR` run as a user would, once per session."""
-    built = {}
-
-    def get(version: str):
-        if version not in built:
-            out = tmp_path_factory.mktemp("wan-artifacts") / f"tiny-{version}"
-            # Wan2.1 also at fp16/int8 with engines (one export serves all its tests)
-            extra = ["--precision", "fp16,int8"] if version == "wan2.1" else []
-            if version == "wan2.1" and HAVE_TRT_BUILDER:
-                extra += ["--tensorrt", "--min", "1x32x32", "--opt", "9x32x32", "--max", "17x64x64"]
-            r = run_cli("wan-export", "--model", wan_folder(version), "--out", out, *extra)
-            assert r.returncode == 0, r.stderr
-            built[version] = (out, r)
-        return built[version][0]
-
-    get.result = lambda version: built[version][1]
+    get.result = lambda version: wan_builds.results[version]
     return get

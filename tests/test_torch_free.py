@@ -8,7 +8,8 @@ import textwrap
 
 
 def test_runtime_runs_without_torch(tiny_dir, wan_artifacts, tmp_path):
-    """Both families: the seed's tiny model, and a released-layout TI2V model with an image."""
+    """Both families: the seed's tiny model, a released-layout TI2V model with an image, and
+    Wan2.1 I2V (CLIP preprocessing, the streaming encoder) held --low-memory."""
     code = textwrap.dedent(f"""
         import sys, importlib.abc
 
@@ -30,6 +31,10 @@ def test_runtime_runs_without_torch(tiny_dir, wan_artifacts, tmp_path):
         frames = wan(prompt="a cat", image=np.zeros((64, 64, 3), np.uint8), frames=5, height=64, width=64,
                      steps=2)
         assert frames.shape == (5, 64, 64, 3), frames.shape
+        i2v = runtime.Pipeline.from_dir({str(wan_artifacts("wan2.1-i2v"))!r}, low_memory=True)
+        frames = i2v(prompt="a cat", image=np.zeros((40, 24, 3), np.uint8), frames=5, height=32, width=32,
+                     steps=2)
+        assert frames.shape == (5, 32, 32, 3), frames.shape
         assert not any(m.split(".")[0] in BLOCKED for m in sys.modules)
         print("ok")
     """)

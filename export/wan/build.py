@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
+import importlib.metadata
+import json
 import logging
 import shutil
 import time
@@ -27,6 +30,7 @@ from export.build import (FP16_EMULATION_NOTE, RANGE_SAMPLES, _every, build_engi
                           export_checked, measurable, tool_versions)
 from export.onnx_export import DEFAULT_OPSET
 from export.wan import known
+from export.wan import stages as wan_stages_module
 from export.wan.checkpoint import (MAX_SEQUENCE_LENGTH, WanCheckpoint, load_image_encoder, load_text_encoder,
                                    load_transformer, load_vae, read_checkpoint)
 from export.wan.stages import (CLIPStage, DecoderFirstStage, DecoderStepStage, DiTStage, EncoderChunkStage,
@@ -35,7 +39,7 @@ from export.wan.stages import (CLIPStage, DecoderFirstStage, DecoderStepStage, D
 from runtime.errors import WanError
 from runtime.backends import OnnxRuntimeBackend, available_providers
 from runtime.errors import NonFiniteError
-from runtime.manifest import PRECISIONS, Artifact, Manifest, Stage
+from runtime.manifest import PRECISIONS, Artifact, Manifest, Stage, load_manifest, sha256_file
 from runtime.pipeline import Pipeline
 from runtime.stages import SymbolRange
 
@@ -100,9 +104,12 @@ def symbol_ranges(ckpt: WanCheckpoint, video: dict) -> dict[str, SymbolRange]:
 
 def build_wan_artifacts(model_dir: str | Path, out: str | Path, force: bool = False,
                         opset: int = DEFAULT_OPSET, precisions: tuple[str, ...] = ("fp32",),
-                        engines: EngineOptions | None = None) -> Manifest:
-    """Export a diffusers-layout Wan folder's stages to the artifact directory `out`."""
+                        engines: EngineOptions | None = None, reuse: str | Path | None = None) -> Manifest:
+    """Export a diffusers-layout Wan folder's stages to the artifact directory `out`. `reuse`:
+    an artifact directory whose fp32 stages are copied where they came from the same weights,
+    code, tools and shape ranges (releases share the VAE and the text encoder)."""
     ckpt = read_checkpoint(model_dir)  # everything checked before anything is loaded
+    previous = reusable(reuse) if reuse is not None else None
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown:
         raise WanError(f"precision {unknown[0]!r} is not one of {', '.join(PRECISIONS)}")
@@ -118,7 +125,7 @@ def build_wan_artifacts(model_dir: str | Path, out: str | Path, force: bool = Fa
     log.info("%s: %s (%s%s%s)", ckpt.root, ckpt.pipeline, ckpt.version,
              ", two experts" if len(ckpt.experts) == 2 else "", f", {release}" if release else "")
     with ArtifactWriter(out, force) as writer:
-        stages, latent = export_stages(ckpt, writer, symbols, opset, stage_names)
+        stages, latent = export_stages(ckpt, writer, symbols, opset, stage_names, previous)
         shutil.copyfile(ckpt.tokenizer_file, writer.path(TOKENIZER))
         manifest = Manifest(
             model={"name": ckpt.root.name, "pipeline": ckpt.pipeline, "version": ckpt.version,
@@ -171,30 +178,92 @@ def weight_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
-def export_stages(ckpt: WanCheckpoint, writer: ArtifactWriter, symbols, opset: int, stage_names: list[str]):
+def reusable(path: str | Path) -> tuple[Path, Manifest]:
+    """An artifact directory to copy stages from: a wan one, its files intact."""
+    root = Path(path)
+    manifest = load_manifest(root)  # integrity-checked, like any artifact directory the runtime loads
+    if manifest.family != "wan":
+        raise WanError(f"--reuse '{root}' holds the project's own model; it shares no stage with a released one")
+    return root, manifest
+
+
+def component_files(ckpt: WanCheckpoint, component: str) -> list[Path]:
+    folder = ckpt.root / component
+    return sorted([folder / "config.json", *folder.glob("*.safetensors")])
+
+
+def stage_source(ckpt: WanCheckpoint, component: str, stage: str, symbols, opset: int, digests: dict) -> str:
+    """What a stage's graph is made from: the component's weights and config, the wrapper code,
+    the exported shape ranges, opset and tools. Equal sources make equal graphs: `--reuse`."""
+    if component not in digests:
+        h = hashlib.sha256()
+        files = component_files(ckpt, component)
+        log.info("hashing %s (%.1f GB) for --reuse", component, sum(p.stat().st_size for p in files) / 1e9)
+        for path in files:
+            h.update(path.name.encode())
+            h.update(bytes.fromhex(sha256_file(path)))
+        digests[component] = h.hexdigest()
+    recipe = {"stage": stage, "weights": digests[component], "code": sha256_file(Path(wan_stages_module.__file__)),
+              "symbols": {k: v.to_list() for k, v in symbols.items()}, "tools": tool_versions(opset),
+              "versions": {m: importlib.metadata.version(m) for m in ("diffusers", "transformers")}}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+
+
+def export_stages(ckpt: WanCheckpoint, writer: ArtifactWriter, symbols, opset: int, stage_names: list[str],
+                  previous: tuple[Path, Manifest] | None = None):
     """Each component loaded in turn, its stages exported and checked, then freed; the largest
-    first, since what torch keeps after an export raises the floor of every later one. Returns the
-    stages and the latent normalization (mean, std)."""
+    first, since what torch keeps after an export raises the floor of every later one. With
+    `previous` (--reuse), a component whose stages are all there from the same source is copied
+    and never loaded. Returns the stages and the latent normalization (mean, std)."""
     import torch
 
     count = iter(range(1, len(stage_names) + 1))
     stages: dict[str, Stage] = {}
     latent: list = []
+    digests: dict[str, str] = {}
+    sources: dict[str, str] = {}
 
     def export(name: str, module, stage_specs) -> None:
+        if name in stages:  # copied (--reuse)
+            return
         rel = f"onnx/fp32/{name}.onnx"
         label = f"[{next(count)}/{len(stage_names)}] {name}"
         check = export_checked(label, module.eval(), stage_specs[name], symbols, writer.path(rel), opset)
-        stages[name] = Stage(stage_specs[name], {"fp32": Artifact("fp32", rel, check)})
+        stages[name] = Stage(stage_specs[name], {"fp32": Artifact("fp32", rel, check, {"source": sources[name]})})
         torch._dynamo.reset()  # the exporter's traces of this module: not needed for the next one
         release_memory()
+
+    def copy(names: list[str]) -> list[str]:
+        """Copy from `previous` those of `names` that are there from the same source; returns
+        the others (to export)."""
+        if previous is None:
+            return names
+        root, old = previous
+        missing = []
+        for name in names:
+            stage = old.stages.get(name)
+            if stage is None or stage.artifacts["fp32"].details.get("source") != sources[name]:
+                missing.append(name)
+                continue
+            art = stage.artifacts["fp32"]
+            for rel in (art.path, f"{art.path}.data"):
+                if (root / rel).exists():
+                    shutil.copyfile(root / rel, writer.path(rel))
+            stages[name] = Stage(stage.spec, {"fp32": Artifact(
+                "fp32", art.path, {**art.validation, "reused_from": str(root)}, {"source": sources[name]})})
+            log.info("[%d/%d] %s: copied from %s (same weights, code and tools)", next(count), len(stage_names),
+                     name, root)
+            if component_of[name] == "vae" and not latent:
+                latent.extend([old.latent_mean, old.latent_std])
+        return missing
 
     def vae_stages():
         vae = load_vae(ckpt)
         layout = decoder_cache_layout(vae)
         enc_layout = encoder_cache_layout(vae) if ckpt.condition == "latents" else None
-        latent.extend([tuple(float(x) for x in vae.config.latents_mean),
-                       tuple(float(x) for x in vae.config.latents_std)])
+        if not latent:
+            latent.extend([tuple(float(x) for x in vae.config.latents_mean),
+                           tuple(float(x) for x in vae.config.latents_std)])
         specs = wan_stages(ckpt, layout, enc_layout).specs()
         if ckpt.condition == "first_frame":
             export("vae_encoder", ImageEncoderStage(vae), specs)
@@ -215,9 +284,13 @@ def export_stages(ckpt: WanCheckpoint, writer: ArtifactWriter, symbols, opset: i
         **({"image_encoder": lambda: export("image_encoder", CLIPStage(load_image_encoder(ckpt)), specs)}
            if ckpt.image_embeddings else {}),
     }
+    component_of = {n: {"dit": "transformer", "dit_2": "transformer_2", "text_encoder": "text_encoder",
+                        "image_encoder": "image_encoder"}.get(n, "vae") for n in stage_names}
+    sources.update({n: stage_source(ckpt, component_of[n], n, symbols, opset, digests) for n in stage_names})
     t0 = time.perf_counter()
     for component in sorted(components, key=lambda c: -weight_bytes(ckpt.root / c)):
-        components[component]()  # the module is dropped when this returns
+        if copy([n for n in stage_names if component_of[n] == component]):
+            components[component]()  # exports what was not copied; the module is dropped when this returns
         release_memory()
     log.info("exported %d stages in %.1f s", len(stages), time.perf_counter() - t0)
     return {name: stages[name] for name in stage_names}, tuple(latent)
@@ -297,8 +370,8 @@ def capture(manifest: Manifest, root: Path, calib: WanCalibration, seeds) -> dic
     t0 = time.perf_counter()
     for seed in seeds:
         pipe.generate(**calib.request(seed))
-    log.info("calibration: %d prompts, %d DiT calls in %.1f s", len(seeds), len(recorders["dit"].samples),
-             time.perf_counter() - t0)
+    calls = ", ".join(f"{n} {len(recorders[n].samples)}" for n in ("dit", "dit_2") if n in recorders)
+    log.info("calibration: %d prompts, DiT calls %s, in %.1f s", len(seeds), calls, time.perf_counter() - t0)
     return {n: r.samples for n, r in recorders.items()}
 
 
@@ -315,7 +388,8 @@ def build_reduced(precision: str, manifest: Manifest, root: Path, samples: dict,
             continue
         rel = f"onnx/{precision}/{name}.onnx"
         if precision == "fp16":
-            details = fp16.convert(root / fp32.path, root / rel, _every(samples[name], RANGE_SAMPLES), FP16_ALWAYS_FP32)
+            details = fp16.convert(root / fp32.path, root / rel, _every(samples[name], RANGE_SAMPLES),
+                                   FP16_ALWAYS_FP32)
         else:
             details = int8.quantize(root / fp32.path, root / rel, samples[name], INT8_FLOAT_LAYERS)
         stage.artifacts[precision] = Artifact(precision, rel, {}, details)
@@ -326,7 +400,7 @@ def build_reduced(precision: str, manifest: Manifest, root: Path, samples: dict,
     wanted = [fp32_pipe.generate(**calib.request(seed)).frames for seed in calib.holdout_seeds]
 
     def holdout(m: Manifest):
-        """(PSNR per held-out request, all finite) of `m`'s graphs at `precision` vs fp32."""
+        """(PSNR per held-out request, all finite, the pipeline) of `m`'s graphs at `precision`."""
         with measurable(m, root, precision) as mm:
             pipe = Pipeline.for_manifest(root, mm, OnnxRuntimeBackend(root, mm, precision))
         scores = []
@@ -334,10 +408,10 @@ def build_reduced(precision: str, manifest: Manifest, root: Path, samples: dict,
             try:
                 scores.append(quality.psnr(want, pipe.generate(**calib.request(seed)).frames))
             except NonFiniteError:
-                return scores, False
-        return scores, True
+                return scores, False, pipe
+        return scores, True, pipe
 
-    scores, finite = holdout(manifest)
+    scores, finite, pipe = holdout(manifest)
     experts = [n for n in ("dit", "dit_2") if n in manifest.stages]
     per_expert = {}
     if len(experts) == 2:  # each expert reduced alone, the other at fp32: which one costs what
@@ -346,7 +420,7 @@ def build_reduced(precision: str, manifest: Manifest, root: Path, samples: dict,
             stage = manifest.stages[other]
             alone = dataclasses.replace(manifest, stages={**manifest.stages, other: dataclasses.replace(
                 stage, artifacts={**stage.artifacts, precision: stage.artifacts["fp32"]})})
-            each, ok = holdout(alone)
+            each, ok, _ = holdout(alone)
             per_expert[name] = min(each) if ok and each else float("nan")
     metric = "max_abs / max|fp32|, held-out inputs"
     for name, recorder in held.items():

@@ -227,14 +227,14 @@ def check_consistent(ckpt: WanCheckpoint) -> None:
     if t.get("in_channels", 16) != want_in or t.get("out_channels", 16) != z:
         how = {"text": "text-to-video", "first_frame": "TI2V",
                "latents": f"image-to-video: noise {z} + mask {mask} + image latents {z}"}[ckpt.condition]
-        raise WanError(f"{where}: transformer in/out channels {t.get('in_channels')}/{t.get('out_channels')} do not "
-                       f"fit a {ckpt.pipeline} with the VAE's z_dim {z} ({how} takes {want_in}/{z})")
+        raise WanError(f"{where}: transformer in/out channels {t.get('in_channels')}/{t.get('out_channels')} "
+                       f"do not fit a {ckpt.pipeline} with the VAE's z_dim {z} ({how} takes {want_in}/{z})")
     if ckpt.transformer_2 is not None:
         keys = ("in_channels", "out_channels", "text_dim", "patch_size", "image_dim", "added_kv_proj_dim")
         differ = [k for k in keys if ckpt.transformer_2.get(k) != t.get(k)]
         if ckpt.transformer_2.get("_class_name") != "WanTransformer3DModel" or differ:
-            raise WanError(f"{where}: transformer_2 does not match transformer ({', '.join(differ) or '_class_name'} "
-                           "differ); the two experts take the same inputs")
+            raise WanError(f"{where}: transformer_2 does not match transformer "
+                           f"({', '.join(differ) or '_class_name'} differ); the two experts take the same inputs")
     if (t.get("image_dim") is not None) != ckpt.image_embeddings:
         raise WanError(f"{where}: the transformer's image_dim is {t.get('image_dim')} but the pipeline "
                        f"{'has' if ckpt.image_embeddings else 'has no'} image_encoder")
@@ -274,7 +274,8 @@ def check_clip(ckpt: WanCheckpoint) -> None:
     size = p.get("size", {"shortest_edge": side})
     size = size if isinstance(size, dict) else {"shortest_edge": size}
     if not p.get("do_resize", True) or not ({"shortest_edge"} == set(size) or {"height", "width"} == set(size)):
-        raise WanError(f"{where}: image_processor size {size} is not supported (shortest_edge, or height and width)")
+        raise WanError(f"{where}: image_processor size {size} is not supported (shortest_edge, or height "
+                       "and width)")
     if min(size.values()) < side:
         raise WanError(f"{where}: image_processor resizes to {size}, smaller than its {side}x{side} crop")
     if p.get("resample", 3) not in range(6):
