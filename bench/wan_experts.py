@@ -5,38 +5,22 @@
 Builds an A14B-style folder at Wan2.1-1.3B width (bench/wan_scale.py: dim 1536, ffn 8960, text_dim
 4096; `--layers` of 30 per expert, random weights, two differently seeded experts, boundary_ratio
 0.875), exports it, then generates the same short video with and without --low-memory, each in a
-fresh process, and reads each process's own peak RSS from the kernel (wait4's ru_maxrss). Also
-the peak of a process that only imports and opens nothing, for the baseline. Writes
+fresh process, and reads each process's own peak RSS (VmHWM, printed as it exits: bench/wan_scale.py's
+`child_peak`). Also the peak of a process that only imports and opens nothing, for the baseline. Writes
 `wan_experts.json` beside a printed summary.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import click
 
-from bench.wan_scale import make_folder
+from bench.wan_scale import child_peak, make_folder
 
 RUN = "import sys; from runtime.cli import entry_point; sys.argv[0] = 'wan-run'; entry_point()"
 EXPORT = "import sys; from export.cli import entry_point; sys.argv[0] = 'wan-export'; entry_point()"
-
-
-def own_peak(cmd: list[str]) -> tuple[float, float, str]:
-    """(seconds, peak RSS in MB of that process alone, stderr+stdout) of a command."""
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = p.stdout.read()
-    _, status, usage = os.wait4(p.pid, 0)
-    seconds = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(output[-3000:])
-    return seconds, usage.ru_maxrss / 1024, output
 
 
 @click.command()
@@ -51,19 +35,22 @@ def main(out: Path, layers: int, video: str):
     folder, artifacts = out / "model", out / "artifacts"
     if not (artifacts / "manifest.json").exists():
         params = make_folder(folder, layers, experts=2)
-        export_s, export_mb, _ = own_peak([sys.executable, "-c", EXPORT, "--model", str(folder), "--out",
-                                           str(artifacts), "--force"])
+        export_s, export_mb, r = child_peak(EXPORT, ["--model", str(folder), "--out", str(artifacts), "--force"])
+        if r.returncode != 0:
+            raise SystemExit(r.stderr[-2000:])
     else:  # a previous run's export
         params, export_s, export_mb = {}, None, None
     frames, height, width = video.split("x")
-    args = [sys.executable, "-c", RUN, str(artifacts), "--prompt", "a red fox runs through snow", "--frames",
-            frames, "--height", height, "--width", width, "--steps", "8", "-o"]
+    args = [str(artifacts), "--prompt", "a red fox runs through snow", "--frames", frames, "--height", height,
+            "--width", width, "--steps", "8", "-o"]
     runs = {}
     for name, extra in (("all loaded", []), ("--low-memory", ["--low-memory"])):
-        seconds, peak, output = own_peak([*args, str(out / f"{name.strip('-')}.mp4"), "--overwrite", *extra])
+        seconds, peak, r = child_peak(RUN, [*args, str(out / f"{name.strip('-')}.mp4"), "--overwrite", *extra])
+        if r.returncode != 0:
+            raise SystemExit(r.stderr[-2000:])
         runs[name] = {"seconds": round(seconds, 1), "peak_rss_mb": round(peak),
-                      "table": [line for line in output.splitlines() if " ms" in line]}
-    _, baseline, _ = own_peak([sys.executable, "-c", "import runtime.cli, runtime.wan, onnxruntime"])
+                      "table": [line for line in r.stdout.splitlines() if " ms" in line]}
+    _, baseline, _ = child_peak("import runtime.cli, runtime.wan, onnxruntime", [])
     expert_mb = sum(p.stat().st_size for p in (artifacts / "onnx" / "fp32").glob("dit.onnx*")) / 2**20
     record = {**params, "layers_per_expert": layers, "video": video, "export_s": export_s,
               "export_peak_rss_mb": None if export_mb is None else round(export_mb),

@@ -13,7 +13,6 @@ size of the weights it exports. Writes `wan_scale.json` beside a printed summary
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -54,16 +53,23 @@ def make_folder(out: Path, layers: int, experts: int = 1) -> dict:
     return {"transformer_params": count(transformer), "vae_params": count(vae), "text_encoder_params": count(text)}
 
 
-def child_peak(cmd: list[str]) -> tuple[float, float, subprocess.CompletedProcess]:
-    """(seconds, peak RSS in MB, result) of a command run to completion in a fresh process."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+# Printed by the measured process itself as it exits: its own high-water RSS (VmHWM is per
+# address space and starts afresh at exec). The kernel's ru_maxrss of a child is not: it counts
+# the parent's RSS at fork, which for these benches (torch, the model just built) can exceed the
+# child's own.
+PEAK_HOOK = ("import atexit, sys; atexit.register(lambda: print('peak_kb', next(int(l.split()[1]) for l in "
+             "open('/proc/self/status') if l.startswith('VmHWM')), file=sys.stderr)); ")
+
+
+def child_peak(code: str, args: list[str]) -> tuple[float, float, subprocess.CompletedProcess]:
+    """(seconds, its own peak RSS in MB, result) of `python -c code args...` in a fresh process."""
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", PEAK_HOOK + code, *args], capture_output=True, text=True)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if peak <= before:  # ru_maxrss is the largest child so far: run the measured one first
-        raise RuntimeError("run the export before any larger child process")
-    return seconds, peak / 1024, r
+    peak = [int(line.split()[1]) for line in r.stderr.splitlines() if line.startswith("peak_kb ")]
+    if not peak:
+        raise SystemExit(f"no peak reported (exit {r.returncode}): {r.stderr[-2000:]}")
+    return seconds, peak[-1] / 1024, r
 
 
 @click.command()
@@ -77,8 +83,7 @@ def main(out: Path, layers: int):
     folder = out / "model"
     params = make_folder(folder, layers)
     code = "import sys; from export.cli import entry_point; sys.argv[0] = 'wan-export'; entry_point()"
-    seconds, peak_mb, r = child_peak([sys.executable, "-c", code, "--model", str(folder), "--out",
-                                      str(out / "artifacts"), "--force"])
+    seconds, peak_mb, r = child_peak(code, ["--model", str(folder), "--out", str(out / "artifacts"), "--force"])
     if r.returncode != 0:
         raise SystemExit(r.stderr[-2000:])
     largest = max(params.values()) * 4 / 2**20

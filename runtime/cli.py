@@ -82,8 +82,9 @@ WAN_ONLY = ("prompt", "negative_prompt", "scheduler", "guidance_2", "last_image"
 @click.option("--prompt", "-p", help="Released models: what the video shows.")
 @click.option("--negative-prompt", help="Released models: what to steer away from (default: \"\", as diffusers).")
 @click.option("--image", "-i", type=click.Path(path_type=str),
-              help="The project's model: the reference image (resized and centre-cropped). TI2V-5B: the "
-              "first frame (resized to the video size). Any format Pillow reads.")
+              help="The project's model: the reference image (resized and centre-cropped). Released models: "
+              "the first frame (resized to the video size), required by image-to-video models, optional for "
+              "TI2V-5B. Any format Pillow reads.")
 @click.option("--last-image", type=click.Path(path_type=str),
               help="Wan2.2 I2V-A14B: the last frame; the video goes from --image to it.")
 @click.option("--output", "-o", required=True, type=click.Path(path_type=str),

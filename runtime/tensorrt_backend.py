@@ -161,8 +161,8 @@ class TensorRTBackend:
         stage.context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         self._live = {n: s for n, s in self._live.items() if s.context is not None}  # released ones drop out
         self._live[name] = stage
-        if engine.device_memory_size_v2 > self._size:
-            self._size = engine.device_memory_size_v2
+        if self._activations is None or engine.device_memory_size_v2 > self._size:
+            self._size = max(engine.device_memory_size_v2, self._size, 1)
             self._activations = None  # freed before the larger one is taken
             self._activations = self._cp.cuda.alloc(self._size)
             for s in self._live.values():

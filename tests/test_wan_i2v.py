@@ -174,6 +174,17 @@ def test_engines_for_every_new_stage(wan_artifacts):
     assert a14b.stages["dit_2"].artifacts["int8"].engine["path"] == "engines/int8/dit_2.plan"
 
 
+def test_image_to_video_calibrates_on_images(wan_artifacts):
+    """An I2V model's calibration requests carry an image (measured on the tiny I2V-A14B with
+    --precision fp16: 59.9 dB end to end, dit alone 99.6 dB, dit_2 alone 59.6 dB)."""
+    from export.wan.build import WanCalibration
+
+    calib = WanCalibration.for_manifest(load_manifest(wan_artifacts("a14b-i2v")))
+    image = calib.request(0)["image"]
+    assert image.dtype == np.uint8 and image.shape == (calib.height, calib.width, 3) and image.std() > 10
+    assert "image" not in WanCalibration.for_manifest(load_manifest(wan_artifacts("a14b"))).request(0)
+
+
 def test_low_memory_holds_one_expert(wan_artifacts):
     """--low-memory: the same video; the encoders open for encoding and each expert for its own
     steps, and nothing stays open after a generation."""

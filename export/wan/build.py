@@ -327,15 +327,15 @@ class WanCalibration:
     steps: int
     seeds: tuple[int, ...] = (0, 1, 2, 3)
     holdout_seeds: tuple[int, ...] = (4, 5)
+    image: bool = False  # image-to-video: every request gets a calibration image
 
     @classmethod
     def for_manifest(cls, manifest: Manifest) -> "WanCalibration":
         """The default video, capped so calibration stays minutes on a CPU (17 frames, 256 px)."""
         v, mult = manifest.video, manifest.geometry.pixels_per_token[0]
         cap = lambda n: max(mult, min(n, 256) // mult * mult)  # noqa: E731
-        return cls(min(v["frames"], 17), cap(v["height"]), cap(v["width"]), min(manifest.sampler["steps"], 20))
-
-    image: bool = False  # image-to-video: every request gets a calibration image
+        return cls(min(v["frames"], 17), cap(v["height"]), cap(v["width"]), min(manifest.sampler["steps"], 20),
+                   image=bool(manifest.family_config.get("needs_image")))
 
     def request(self, seed: int) -> dict:
         return {"prompt": CALIBRATION_PROMPTS[seed % len(CALIBRATION_PROMPTS)], "frames": self.frames,
@@ -344,7 +344,21 @@ class WanCalibration:
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "source": "the fp32 runtime's own trajectories",
-                "prompts": [self.request(s)["prompt"] for s in self.seeds]}
+                "prompts": [self.request(s)["prompt"] for s in self.seeds],
+                **({"images": "calibration_image(seed): colour gradients with discs"} if self.image else {})}
+
+
+def calibration_image(seed: int, height: int, width: int) -> np.ndarray:
+    """A seeded uint8 (H, W, 3) picture with some structure (two colour gradients and three
+    discs), so an image-to-video model is calibrated on images rather than on noise."""
+    rng = np.random.default_rng(1000 + seed)
+    y, x = np.mgrid[0:height, 0:width] / max(height, width)
+    a, b = rng.uniform(0, 255, (2, 3))
+    img = a * (1 - x[..., None]) + b * y[..., None]  # (H, W, 3)
+    for _ in range(3):
+        cy, cx, r = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.08, 0.25)
+        img[(y - cy) ** 2 + (x - cx) ** 2 < r * r] = rng.uniform(0, 255, 3)
+    return np.clip(img, 0, 255).astype(np.uint8)
 
 
 class _Recorder:
