@@ -7,6 +7,11 @@ and Pillow (its PIL backend, the one transformers uses without torchvision):
 The settings come from the checkpoint's image_processor/preprocessor_config.json, copied into
 the manifest by wan-export (`family_config["clip"]`). The pipeline gives CLIP the image as the
 user passed it, not resized to the video first.
+
+Equal, pixel for pixel, to transformers' PIL backend (`CLIPImageProcessorPil`, what
+`CLIPImageProcessor` is where torchvision is not installed; tests/test_wan_i2v.py). Where it is,
+transformers resizes with torchvision's antialiased bicubic instead, which differs from Pillow's by
+rounding-level amounts; not measured here (no torchvision on this machine).
 """
 
 from __future__ import annotations

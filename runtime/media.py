@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 import av
 import numpy as np
 from av.video.reformatter import ColorPrimaries, ColorRange, ColorTrc, Colorspace
-from PIL import Image, ImageSequence, UnidentifiedImageError
+from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
 
 from runtime.errors import ENVIRONMENT_ERRNOS, WanError
 from runtime.files import (absolute, check_replaceable_place, check_writable_dir, clean_stale, commit,
@@ -67,7 +67,8 @@ def load_image(path: PathLike, height: int, width: int, fit: str = "cover",
             if fit == "cover":  # JPEG: decode at a reduced size; not for released models, which
                 img.draft("RGB", _cover_size(w, h, height, width))  # must see diffusers' pixels
             img.load()  # decode now, so a truncated file fails here and not later
-            rgb = img.convert("RGB")
+            # a photo's EXIF orientation applied, as diffusers' load_image and every viewer do
+            rgb = ImageOps.exif_transpose(img).convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise WanError(
             f"{what} '{path}' cannot be read as an image: {_short_reason(exc)}"

@@ -99,8 +99,10 @@ class TensorRTStage:
         self.context = None  # created by the backend with the shared activation buffer
 
     def close(self) -> None:
-        """Free the engine and its context (--low-memory, between uses)."""
+        """Free the engine and its context (--low-memory, between uses), and hand the freed cupy
+        blocks back to the driver: TensorRT allocates the next engine outside cupy's pool."""
         self.context = self.engine = None
+        self.cp.get_default_memory_pool().free_all_blocks()
 
     def __call__(self, **inputs):
         env = self.spec.bind(inputs)

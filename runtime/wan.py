@@ -144,6 +144,7 @@ class WanPipeline(Pipeline):
         guidance = real("guidance", sampler["guidance"] if guidance is None else guidance, 0.0, MAX_GUIDANCE,
                         " (CFG runs above 1)")
         if len(self.experts) == 2:
+            # the release's own (in the manifest), else this request's guidance, as diffusers does
             guidance_2 = sampler.get("guidance_2", guidance) if guidance_2 is None else guidance_2
             guidance_2 = real("guidance 2", guidance_2, 0.0, MAX_GUIDANCE, " (the low-noise expert's)")
         shift = real("shift", sampler["shift"] if shift is None else shift, *SHIFT_RANGE)

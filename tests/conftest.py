@@ -129,12 +129,13 @@ def fake_stages(monkeypatch, build_mod, on_export=None):
 
 
 # What each tiny export adds to `wan-export --model`: Wan2.1 T2V at fp16/int8, A14B at fp16/int8
-# (per-expert calibration); the others fp32. TensorRT engines (where tensorrt-rtx builds them) for
+# (per-expert calibration), I2V-A14B at fp16 (calibration on images); the others fp32. TensorRT engines (where tensorrt-rtx builds them) for
 # Wan2.1 T2V, A14B and Wan2.1 I2V: every kind of stage at every precision. The tiny pipelines share
 # their seeded text encoder (and the Wan2.1 ones their VAE), so each export --reuse-s those stages
 # from the one before it, as a user exporting several releases would.
 WAN_ORDER = ("wan2.2", "wan2.1", "a14b", "a14b-i2v", "wan2.1-i2v")
-WAN_EXPORT_ARGS = {"wan2.1": ["--precision", "fp16,int8"], "a14b": ["--precision", "fp16,int8"]}
+WAN_EXPORT_ARGS = {"wan2.1": ["--precision", "fp16,int8"], "a14b": ["--precision", "fp16,int8"],
+                   "a14b-i2v": ["--precision", "fp16"]}  # calibrated on images
 WAN_ENGINES = ("wan2.1", "a14b", "wan2.1-i2v")
 
 
@@ -148,7 +149,22 @@ class WanBuilds:
 
         self.root, self.results, self.errors = root, {}, {}
         self.ready = {(kind, v): threading.Event() for kind in ("folder", "artifacts") for v in WAN_ORDER}
+        self.proc, self.stopped = None, False
         threading.Thread(target=self._run, daemon=True).start()
+
+    def _call(self, argv: list, **kwargs) -> subprocess.CompletedProcess:
+        if self.stopped:
+            raise RuntimeError("the session ended")
+        self.proc = subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, **kwargs)
+        out, err = self.proc.communicate(timeout=900)
+        return subprocess.CompletedProcess(argv, self.proc.returncode, out, err)
+
+    def stop(self) -> None:
+        """At the session's end: no export left running behind it (a run of a few tests)."""
+        self.stopped = True
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
 
     def _run(self):
         from pathlib import Path
@@ -157,8 +173,7 @@ class WanBuilds:
         try:
             code = ("import sys; from pathlib import Path; from tests.wan_tiny import save_pipeline; "
                     "[save_pipeline(Path(sys.argv[1]) / v, v) for v in sys.argv[2:]]")
-            r = subprocess.run([sys.executable, "-c", code, str(self.root / "folders"), *WAN_ORDER], cwd=repo,
-                               capture_output=True, text=True, timeout=900)
+            r = self._call([sys.executable, "-c", code, self.root / "folders", *WAN_ORDER], cwd=repo)
             for v in WAN_ORDER:
                 self.errors[("folder", v)] = None if r.returncode == 0 else r.stderr[-3000:]
                 self.ready[("folder", v)].set()
@@ -170,15 +185,18 @@ class WanBuilds:
                 if previous is not None:
                     extra += ["--reuse", previous]
                 out = self.root / "artifacts" / v
-                r = run_cli("wan-export", "--model", self.root / "folders" / v, "--out", out, *extra)
+                r = self._call(cli_argv("wan-export", "--model", self.root / "folders" / v, "--out", out, *extra))
                 self.results[v] = r
                 self.errors[("artifacts", v)] = None if r.returncode == 0 else r.stderr[-3000:]
                 self.ready[("artifacts", v)].set()
                 previous = out if r.returncode == 0 else previous
-        finally:  # a crash here must not leave the tests waiting
-            for key, event in self.ready.items():
-                self.errors.setdefault(key, "the build thread stopped before this")
-                event.set()
+        except Exception as exc:  # the session ended, or a build timed out
+            reason = f"the build thread stopped before this: {exc}"
+        else:
+            reason = "not built"
+        for key, event in self.ready.items():  # nothing is left waiting
+            self.errors.setdefault(key, reason)
+            event.set()
 
     def get(self, kind: str, version: str):
         assert version in WAN_ORDER, version
@@ -189,7 +207,9 @@ class WanBuilds:
 
 @pytest.fixture(scope="session")
 def wan_builds(tmp_path_factory):
-    return WanBuilds(tmp_path_factory.mktemp("wan"))
+    builds = WanBuilds(tmp_path_factory.mktemp("wan"))
+    yield builds
+    builds.stop()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -546,3 +546,17 @@ def test_fifo_image_is_refused_without_hanging(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(WanError, match="is a FIFO"):
         load_image(fifo, 16, 16)
+
+
+def test_load_image_applies_exif_orientation(tmp_path):
+    """A phone photo stored sideways with EXIF orientation 6 (rotate 90 degrees clockwise) is read
+    upright, as diffusers' load_image and image viewers show it."""
+    img = np.zeros((20, 40, 3), np.uint8)
+    img[:, :20] = 255  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(img).save(path, exif=exif, quality=95)
+    upright = load_image(path, 1, 1, fit="none")
+    assert upright.shape == (40, 20, 3)  # turned: portrait
+    assert upright[:20].mean() > 200 and upright[20:].mean() < 50  # the white half is now on top

@@ -115,7 +115,12 @@ def test_stages_and_manifests(wan_artifacts):
             assert v["passed"] and v["max_rel"] <= 1e-4 and len(v["shapes"]) == 2, (version, name, v)
     a14b = load_manifest(wan_artifacts("a14b"))
     assert a14b.stages["dit"].spec.to_dict() == a14b.stages["dit_2"].spec.to_dict()
-    assert a14b.family_config["boundary_ratio"] == 0.875 and a14b.sampler["guidance_2"] == 5.0
+    assert a14b.family_config["boundary_ratio"] == 0.875
+    # no release of this shape: guidance_2 follows the request's guidance, as diffusers' does
+    assert "guidance_2" not in a14b.sampler
+    pipe = Pipeline.from_dir(wan_artifacts("a14b"))
+    assert pipe.check_request(prompt="x", guidance=7).guidance_2 == 7.0
+    assert pipe.check_request(prompt="x", guidance=7, guidance_2=2).guidance_2 == 2.0
     i2v = load_manifest(wan_artifacts("wan2.1-i2v"))
     dit = {t.name: [str(d) for d in t.dims] for t in i2v.stages["dit"].spec.inputs}
     assert dit["condition"] == ["B", "20", "F", "2*Hp", "2*Wp"]  # 4 mask channels + 16 latent channels
@@ -175,13 +180,16 @@ def test_engines_for_every_new_stage(wan_artifacts):
 
 
 def test_image_to_video_calibrates_on_images(wan_artifacts):
-    """An I2V model's calibration requests carry an image (measured on the tiny I2V-A14B with
-    --precision fp16: 59.9 dB end to end, dit alone 99.6 dB, dit_2 alone 59.6 dB)."""
+    """An I2V model is calibrated and measured on images (tiny I2V-A14B at fp16: measured 59.9 dB
+    end to end; dit alone 99.6 dB, dit_2 alone 59.6 dB)."""
     from export.wan.build import WanCalibration
 
-    calib = WanCalibration.for_manifest(load_manifest(wan_artifacts("a14b-i2v")))
+    m = load_manifest(wan_artifacts("a14b-i2v"))
+    calib = WanCalibration.for_manifest(m)
     image = calib.request(0)["image"]
     assert image.dtype == np.uint8 and image.shape == (calib.height, calib.width, 3) and image.std() > 10
+    assert m.calibration["image"] and "images" in m.calibration
+    assert m.quality["fp16"]["psnr_db"] >= 40 and set(m.quality["fp16"]["psnr_db_expert_alone"]) == {"dit", "dit_2"}
     assert "image" not in WanCalibration.for_manifest(load_manifest(wan_artifacts("a14b"))).request(0)
 
 
@@ -289,3 +297,37 @@ def test_reuse_refusals(wan_folder, tiny_dir, tmp_path):
     one_line_error(run_cli("wan-export", "--preset", "tiny", "--out", tmp_path / "o", "--reuse", tiny_dir),
                    "--reuse", "--model")
     assert not (tmp_path / "o").exists()
+
+
+def test_source_digest_covers_what_shapes_a_graph(wan_folder):
+    """--reuse matches a stage's source digest: the typical size (each release's default video)
+    does not change it, the exported range and the weights do."""
+    import dataclasses
+
+    from export.wan.build import defaults, stage_source, symbol_ranges
+    from export.wan.checkpoint import read_checkpoint
+
+    ckpt = read_checkpoint(wan_folder("a14b"))
+    symbols = symbol_ranges(ckpt, defaults(ckpt)[1])
+    digest = stage_source(ckpt, "text_encoder", "text_encoder", symbols, 20, {})
+    other_opt = {**symbols, "Hp": dataclasses.replace(symbols["Hp"], opt=symbols["Hp"].opt + 1)}
+    other_max = {**symbols, "Hp": dataclasses.replace(symbols["Hp"], max=symbols["Hp"].max - 1)}
+    assert stage_source(ckpt, "text_encoder", "text_encoder", other_opt, 20, {}) == digest
+    assert stage_source(ckpt, "text_encoder", "text_encoder", other_max, 20, {}) != digest
+    assert stage_source(ckpt, "text_encoder", "text_encoder", symbols, 21, {}) != digest
+    assert stage_source(ckpt, "transformer", "dit", symbols, 20, {}) != \
+        stage_source(ckpt, "transformer_2", "dit", symbols, 20, {})  # other weights
+
+
+def test_known_releases_of_one_shape():
+    """Wan2.1 I2V 480P and 720P share a transformer shape: told apart by the folder's name, else
+    the scheduler's flow shift."""
+    from export.wan.known import match
+
+    i2v = {"num_attention_heads": 40, "attention_head_dim": 128, "num_layers": 40, "ffn_dim": 13824,
+           "in_channels": 36, "image_dim": 1280}
+    assert match(i2v, folder="Wan2.1-I2V-14B-720P-Diffusers").height == 720
+    assert match(i2v, folder="my-finetune", flow_shift=5.0).height == 720
+    assert match(i2v, folder="my-finetune", flow_shift=3.0).height == 480
+    assert match(i2v, folder="my-finetune").height == 480  # neither says: the first
+    assert match(i2v, two_experts=True).name == "Wan-AI/Wan2.2-I2V-A14B-Diffusers"  # two experts: A14B only

@@ -54,7 +54,8 @@ def defaults(ckpt: WanCheckpoint) -> tuple[dict, dict, str | None]:
     """Sampler and video defaults: the release's recommendations when the folder is one (or a
     fine-tune of one), else diffusers' pipeline defaults (guidance_2: the same as guidance); the
     shift is the scheduler's own."""
-    k = known.match(ckpt.transformer, len(ckpt.experts) == 2)
+    k = known.match(ckpt.transformer, len(ckpt.experts) == 2, ckpt.root.name,
+                    ckpt.scheduler.get("flow_shift", ckpt.scheduler.get("shift")))
     shift = ckpt.scheduler.get("flow_shift", ckpt.scheduler.get("shift", 1.0))
     if k is None:
         sampler = {"steps": 50, "guidance": 5.0, "fps": 16}
@@ -62,8 +63,8 @@ def defaults(ckpt: WanCheckpoint) -> tuple[dict, dict, str | None]:
     else:
         sampler = {"steps": k.steps, "guidance": k.guidance, "fps": k.fps}
         video = {"frames": k.frames, "height": k.height, "width": k.width}
-    if len(ckpt.experts) == 2:
-        sampler["guidance_2"] = k.guidance_2 if k is not None and k.guidance_2 is not None else sampler["guidance"]
+    if len(ckpt.experts) == 2 and k is not None and k.guidance_2 is not None:
+        sampler["guidance_2"] = k.guidance_2  # the release's; without it the request's guidance, as diffusers
     sampler.update(shift=float(shift), solver=ckpt.scheduler["_class_name"])
     return sampler, video, (k.name if k else None)
 
@@ -193,20 +194,40 @@ def component_files(ckpt: WanCheckpoint, component: str) -> list[Path]:
 
 
 def stage_source(ckpt: WanCheckpoint, component: str, stage: str, symbols, opset: int, digests: dict) -> str:
-    """What a stage's graph is made from: the component's weights and config, the wrapper code,
-    the exported shape ranges, opset and tools. Equal sources make equal graphs: `--reuse`."""
+    """What a stage's graph is made from: the component's weights and config, the pipeline flags
+    that shape its inputs, the code that wraps, exports and checks it, the exported shape ranges
+    (min and max: the typical value shapes no graph), opset and tool versions. Equal sources make
+    equal graphs: what `--reuse` matches. (Every export records it, so each can be reused later;
+    hashing reads the weights once more.)"""
     if component not in digests:
         h = hashlib.sha256()
         files = component_files(ckpt, component)
-        log.info("hashing %s (%.1f GB) for --reuse", component, sum(p.stat().st_size for p in files) / 1e9)
+        log.info("hashing %s (%.1f GB): the source digest --reuse matches", component,
+                 sum(p.stat().st_size for p in files) / 1e9)
         for path in files:
             h.update(path.name.encode())
             h.update(bytes.fromhex(sha256_file(path)))
         digests[component] = h.hexdigest()
-    recipe = {"stage": stage, "weights": digests[component], "code": sha256_file(Path(wan_stages_module.__file__)),
-              "symbols": {k: v.to_list() for k, v in symbols.items()}, "tools": tool_versions(opset),
-              "versions": {m: importlib.metadata.version(m) for m in ("diffusers", "transformers")}}
+    code = {Path(m.__file__).name: sha256_file(Path(m.__file__)) for m in SOURCE_MODULES()}
+    recipe = {"stage": stage, "weights": digests[component], "code": code,
+              "pipeline": {"condition": ckpt.condition, "expand_timesteps": ckpt.expand_timesteps},
+              "symbols": {k: [v.min, v.max] for k, v in symbols.items()}, "tools": tool_versions(opset),
+              "versions": {m: importlib.metadata.version(m) for m in SOURCE_PACKAGES}}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+
+
+# What a stage's graph depends on besides its weights: the wrappers, the loaders, the exporter
+# and its checks, the specs; and the packages that trace and translate it.
+SOURCE_PACKAGES = ("diffusers", "transformers", "onnxscript", "onnx_ir")
+
+
+def SOURCE_MODULES():  # noqa: N802 - a constant that needs the imports done
+    import export.build
+    import export.onnx_export
+    import export.wan.checkpoint
+    import runtime.stages
+
+    return (wan_stages_module, export.wan.checkpoint, export.onnx_export, export.build, runtime.stages)
 
 
 def export_stages(ckpt: WanCheckpoint, writer: ArtifactWriter, symbols, opset: int, stage_names: list[str],
@@ -242,7 +263,8 @@ def export_stages(ckpt: WanCheckpoint, writer: ArtifactWriter, symbols, opset: i
         missing = []
         for name in names:
             stage = old.stages.get(name)
-            if stage is None or stage.artifacts["fp32"].details.get("source") != sources[name]:
+            if stage is None or stage.artifacts["fp32"].details.get("source") != sources[name] or (
+                    name in specs and stage.spec.to_dict() != specs[name].to_dict()):  # (VAE specs: need the VAE)
                 missing.append(name)
                 continue
             art = stage.artifacts["fp32"]

@@ -178,9 +178,10 @@ def read_checkpoint(root: str | Path) -> WanCheckpoint:
             raise WanError(f"'{root}' has an image_encoder but no image_processor/ (its preprocessing)")
         if not (root / "image_encoder").is_dir():
             raise WanError(f"'{root}' has no image_encoder/ folder (model_index.json names one)")
-        if index["image_encoder"][1] not in IMAGE_ENCODERS:
-            raise WanError(f"'{root}': image_encoder is a {index['image_encoder'][1]}, expected one of "
-                           f"{', '.join(IMAGE_ENCODERS)}")
+        entry = index["image_encoder"]
+        cls = entry[1] if isinstance(entry, list) and len(entry) == 2 else entry
+        if cls not in IMAGE_ENCODERS:
+            raise WanError(f"'{root}': image_encoder is a {cls!r}, expected one of {', '.join(IMAGE_ENCODERS)}")
     weighted = ("transformer", "vae", "text_encoder", *(("transformer_2",) if two_experts else ()),
                 *(("image_encoder",) if clip else ()))
     configs = {name: _json(root / name / "config.json", f"{name} config") for name in weighted}

@@ -55,14 +55,18 @@ KNOWN_MODELS = (
 )
 
 
-def match(transformer_config: dict, two_experts: bool = False) -> KnownModel | None:
-    """The release a transformer config has the shape of (fine-tunes included), if any."""
-    for known in KNOWN_MODELS:
-        if ("A14B" in known.name) != two_experts:
-            continue
-        if all(transformer_config.get(k) == v for k, v in known.shape.items()):
-            return known
-    return None
+def match(transformer_config: dict, two_experts: bool = False, folder: str = "",
+          flow_shift: float | None = None) -> KnownModel | None:
+    """The release a transformer config has the shape of (fine-tunes included), if any. Releases
+    of one shape (Wan2.1 I2V 480P / 720P) are told apart by the folder's name ("...720P..."),
+    else by the scheduler's flow shift, else the first is taken."""
+    found = [known for known in KNOWN_MODELS if ("A14B" in known.name) == two_experts
+             and all(transformer_config.get(k) == v for k, v in known.shape.items())]
+    for test in (lambda k: f"{k.height}p" in folder.lower(), lambda k: k.flow_shift == flow_shift):
+        hits = [k for k in found if test(k)]
+        if len(hits) == 1:
+            return hits[0]
+    return found[0] if found else None
 
 
 def table() -> str:
