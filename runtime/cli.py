@@ -96,7 +96,7 @@ WAN_ONLY = ("prompt", "negative_prompt", "scheduler", "guidance_2", "last_image"
 @click.option("--guidance", type=float, help="Classifier-free guidance scale, 0-100 (1 = off; released "
               "models: CFG runs above 1).")
 @click.option("--guidance-2", "guidance_2", type=float, help="Wan2.2 A14B: the low-noise expert's guidance "
-              "scale, 0-100 (default: the manifest's).")
+              "scale, 0-100 (default: the release's recommendation, else --guidance).")
 @click.option("--shift", type=float, help="Flow-matching sigma shift, 0.01-100 (released models: the "
               "scheduler's flow_shift).")
 @click.option("--scheduler", type=click.Choice(["unipc", "euler"]),
