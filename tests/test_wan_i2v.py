@@ -331,3 +331,14 @@ def test_known_releases_of_one_shape():
     assert match(i2v, folder="my-finetune", flow_shift=3.0).height == 480
     assert match(i2v, folder="my-finetune").height == 480  # neither says: the first
     assert match(i2v, two_experts=True).name == "Wan-AI/Wan2.2-I2V-A14B-Diffusers"  # two experts: A14B only
+
+
+def test_low_memory_refused_where_it_holds_nothing_back(tiny_dir, tmp_path, reference_image):
+    """The project's own model uses every stage at every step: --low-memory says so in one line."""
+    from PIL import Image
+
+    ref = tmp_path / "ref.png"
+    Image.fromarray(reference_image).save(ref)
+    one_line_error(run_cli("wan-run", tiny_dir, "--image", ref, "--low-memory", "-o", tmp_path / "x.mp4"),
+                   "--low-memory does not apply")
+    assert not (tmp_path / "x.mp4").exists()
