@@ -105,11 +105,7 @@ def main(model_dir, list_models, preset, config_path, checkpoint, out, attention
     cfg = load_config(config_path) if config_path else get_preset(preset or "small")
     if attention:
         cfg = dataclasses.replace(cfg, dit=dataclasses.replace(cfg.dit, attention=attention))
-    try:
-        from export.build import build_artifacts
-    except ImportError as exc:
-        raise WanError(f"wan-export needs the build tools ({exc.name} is missing): "
-                       "pip install 'wan-export[export]'")
+    build_artifacts = build_tool("export.build", "wan-export").build_artifacts
     precisions = parse_precisions(precision_list)
     layers = None
     if int8_float_layers:
@@ -125,6 +121,16 @@ def main(model_dir, list_models, preset, config_path, checkpoint, out, attention
     click.echo(f"wrote {out}: {cfg.name} ({cfg.dit.attention} attention, {manifest.weights['source']} "
                f"weights), {len(manifest.stages)} stages at {', '.join(manifest.precisions())}, {size:.1f} MB")
     report(manifest, out, engines)
+
+
+def build_tool(module: str, what: str):
+    """The build module `module`, or one line saying which install it needs."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise WanError(f"{what} needs the build tools ({exc.name} is missing): pip install 'wan-export[export]'")
 
 
 def parse_precisions(text: str) -> tuple[str, ...]:
@@ -153,22 +159,17 @@ def report(manifest, out, engines) -> None:
 def export_released(model_dir, out, force, opset, precision_list, tensorrt, flavour, min_shape, opt_shape,
                     max_shape, level, targets, timing_cache, reuse=None) -> None:
     """--model: a diffusers-layout Wan folder through export/wan/build.py."""
-    try:
-        from export.wan.build import (MAX_VIDEO_FRAMES, MAX_VIDEO_PX, build_wan_artifacts, defaults,
-                                      read_checkpoint, wan_geometry)
-    except ImportError as exc:
-        raise WanError(f"wan-export --model needs diffusers and transformers ({exc.name} is missing): "
-                       "pip install 'wan-export[export]'")
+    wan = build_tool("export.wan.build", "wan-export --model (diffusers, transformers)")
     precisions = parse_precisions(precision_list)
     engines = None
     if tensorrt:
-        ckpt = read_checkpoint(model_dir)
-        _, video, _ = defaults(ckpt)
-        maxima = {"frames": MAX_VIDEO_FRAMES, "height": MAX_VIDEO_PX, "width": MAX_VIDEO_PX}
-        engines = engine_options(video, maxima, wan_geometry(ckpt.vae).pixels_per_token[0], min_shape, opt_shape,
-                                 max_shape, flavour, level, targets, timing_cache)
-    manifest = build_wan_artifacts(model_dir, out, force=force, opset=opset, precisions=precisions,
-                                   engines=engines, reuse=reuse)
+        ckpt = wan.read_checkpoint(model_dir)
+        _, video, _ = wan.defaults(ckpt)
+        maxima = {"frames": wan.MAX_VIDEO_FRAMES, "height": wan.MAX_VIDEO_PX, "width": wan.MAX_VIDEO_PX}
+        engines = engine_options(video, maxima, wan.wan_geometry(ckpt.vae).pixels_per_token[0], min_shape,
+                                 opt_shape, max_shape, flavour, level, targets, timing_cache)
+    manifest = wan.build_wan_artifacts(model_dir, out, force=force, opset=opset, precisions=precisions,
+                                       engines=engines, reuse=reuse)
     size = sum(f["size"] for f in manifest.files.values()) / 1e6
     release = manifest.model["release"]
     click.echo(f"wrote {out}: {manifest.model['pipeline']} ({manifest.model['version']}"

@@ -48,13 +48,13 @@ MAX_IMAGE_PIXELS = 100_000_000
 MAX_IMAGE_ASPECT = 16
 
 
-def load_image(path: PathLike, height: int, width: int, fit: str = "cover",
+def load_image(path: PathLike, height: int | None = None, width: int | None = None, fit: str = "cover",
                what: str = "reference image") -> np.ndarray:
     """Read an image and bring it to (height, width); return uint8 (H, W, 3). `fit`: "cover"
     scales it to cover the size and takes the centre (bicubic; the seed family), "stretch"
     resizes it to the size exactly (Lanczos, as diffusers' VaeImageProcessor does), "none" keeps
     it as it is (released models resize it per stage, as diffusers' pipelines do)."""
-    if height <= 0 or width <= 0:
+    if fit != "none" and (height is None or width is None or height <= 0 or width <= 0):
         raise WanError(f"image size {height}x{width} is invalid; height and width must be > 0")
     path = regular_file(path, what)
     try:

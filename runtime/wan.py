@@ -167,22 +167,23 @@ class WanPipeline(Pipeline):
         return text
 
     @staticmethod
-    def load_image(image, req: WanRequest = None, what: str = "image") -> np.ndarray:
+    def load_image(image, what: str = "image") -> np.ndarray:
         """A path or a uint8 (H, W, 3) array -> uint8 (H, W, 3) as given: the stages resize it
         as the pipeline does (to the video size for the VAE, CLIP's own way for CLIP)."""
         from runtime.media import load_image
 
         if isinstance(image, (str, Path)):
-            return load_image(image, 1, 1, fit="none", what=what)
+            return load_image(image, fit="none", what=what)
         if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 \
                 or min(image.shape[:2]) < 1:
             raise WanError(f"{what} array has {getattr(image, 'dtype', type(image).__name__)} "
                            f"{getattr(image, 'shape', '')}; expected uint8 (H, W, 3)")
         return image
 
-    def to_unit(self, image: np.ndarray, req: WanRequest) -> np.ndarray:
+    def vae_input(self, image: np.ndarray, req: WanRequest) -> np.ndarray:
         """uint8 (H, W, 3) -> float32 (1, 3, 1, height, width) in [-1, 1]: resized as diffusers'
-        VaeImageProcessor does (Lanczos to the exact size), pixels / 255 * 2 - 1."""
+        VaeImageProcessor does (Lanczos to the exact size), pixels / 255 * 2 - 1 (diffusers'
+        arithmetic, not runtime.pipeline.to_unit's / 127.5 - 1, which rounds differently)."""
         from runtime.media import resize_exact
 
         x = resize_exact(image, req.height, req.width).astype(np.float32) / np.float32(255.0)
@@ -191,7 +192,7 @@ class WanPipeline(Pipeline):
 
     def encode_image(self, image: np.ndarray, req: WanRequest):
         """TI2V: uint8 (H, W, 3) -> normalized latent frame (1, z, 1, h, w)."""
-        latent = self.stages["vae_encoder"](image=self.backend.to_device(self.to_unit(image, req)))["latent"]
+        latent = self.stages["vae_encoder"](image=self.backend.to_device(self.vae_input(image, req)))["latent"]
         self.release("vae_encoder")
         return latent
 
@@ -203,14 +204,14 @@ class WanPipeline(Pipeline):
         first, step = self.stages["vae_encoder_first"], self.stages["vae_encoder_step"]
         ts = self.manifest.geometry.temporal_stride
         chunk = np.zeros((1, 3, ts, req.height, req.width), dtype=np.float32)  # (1, 3, 4, H, W)
-        out = first(video=to(self.to_unit(image, req)))
+        out = first(video=to(self.vae_input(image, req)))
         latents = [out.pop("latent")]
         n = (req.frames - 1) // ts
         for k in range(n):
             video = chunk
             if last is not None and k == n - 1:
                 video = chunk.copy()
-                video[:, :, -1:] = self.to_unit(last, req)  # the last video frame
+                video[:, :, -1:] = self.vae_input(last, req)  # the last video frame
             caches = {name.removeprefix("new_"): value for name, value in out.items()}
             out = step(video=to(video), **caches)
             latents.append(out.pop("latent"))
@@ -266,13 +267,15 @@ class WanPipeline(Pipeline):
         return [EXPERTS[0] if float(t) >= boundary else EXPERTS[1] for t in timesteps]
 
     def denoise(self, text, conditions: dict, noise, req: WanRequest,
-                on_step: Callable[[int, float], None] | None = None):
+                on_step: Callable[[int, float], None] | None = None, timings: Timings | None = None):
         """The pipeline's loop. `conditions`: "image_latent" (TI2V's frame 0), "condition" (I2V)
         and "image" (Wan2.1 I2V's CLIP embeddings), those the model takes; returns the latent
-        (TI2V: with the image's frame in place)."""
+        (TI2V: with the image's frame in place). `timings.experts` gets each step's DiT stage."""
         xp = self.xp
         scheduler, schedule = self.schedule(req)
         plan = self.expert_plan(schedule.timesteps)
+        if timings is not None:
+            timings.experts = plan
         batch = text.shape[0]
         image_latent = conditions.get("image_latent")
         mask = self.frame_mask(noise.shape, image_latent is not None)
@@ -341,6 +344,5 @@ class WanPipeline(Pipeline):
             conditions["condition"] = self.encode_condition(image, last_image, req)
         timings.encode = time.perf_counter() - t_start
         noise = self.noise(req) if noise is None else self.backend.to_device(noise)
-        timings.experts = self.expert_plan(self.schedule(req)[1].timesteps)
-        latent = self.denoise(text, conditions, noise, req, self.recorder(timings, on_step))
+        latent = self.denoise(text, conditions, noise, req, self.recorder(timings, on_step), timings)
         yield from self.frames_out(latent, timings, t_start)

@@ -557,6 +557,6 @@ def test_load_image_applies_exif_orientation(tmp_path):
     exif[0x0112] = 6
     path = tmp_path / "photo.jpg"
     Image.fromarray(img).save(path, exif=exif, quality=95)
-    upright = load_image(path, 1, 1, fit="none")
+    upright = load_image(path, fit="none")
     assert upright.shape == (40, 20, 3)  # turned: portrait
     assert upright[:20].mean() > 200 and upright[20:].mean() < 50  # the white half is now on top

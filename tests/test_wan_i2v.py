@@ -76,16 +76,15 @@ def test_the_switch_and_the_image_keys_matter(wan_artifacts, wan_folder):
     assert psnr(ours, ref) < 45.0 and np.abs(ours - ref).max() > 2.0, psnr(ours, ref)
 
 
-def test_clip_preprocessing_is_transformers(wan_folder):
-    """runtime/clip.py (numpy + Pillow) gives CLIPImageProcessor's pixels exactly."""
+def test_clip_preprocessing_is_transformers(wan_folder, wan_artifacts):
+    """runtime/clip.py (numpy + Pillow), with the settings wan-export wrote into the manifest,
+    gives CLIPImageProcessor's pixels exactly."""
     from transformers import CLIPImageProcessorPil
 
     from runtime.clip import clip_pixels
 
-    folder = wan_folder("wan2.1-i2v") / "image_processor"
-    processor = CLIPImageProcessorPil.from_pretrained(folder)
-    cfg = {"size": {"shortest_edge": 8}, "crop": 8, "resample": 3, "rescale": 1 / 255,
-           "mean": list(processor.image_mean), "std": list(processor.image_std)}
+    processor = CLIPImageProcessorPil.from_pretrained(wan_folder("wan2.1-i2v") / "image_processor")
+    cfg = load_manifest(wan_artifacts("wan2.1-i2v")).family_config["clip"]
     for shape in ((40, 24), (24, 40), (8, 8), (300, 17)):
         image = picture(3, *shape)
         want = processor(images=image, return_tensors="np")["pixel_values"]
@@ -304,19 +303,23 @@ def test_source_digest_covers_what_shapes_a_graph(wan_folder):
     does not change it, the exported range and the weights do."""
     import dataclasses
 
-    from export.wan.build import defaults, stage_source, symbol_ranges
+    from export.wan.build import defaults, stage_sources, symbol_ranges
     from export.wan.checkpoint import read_checkpoint
 
     ckpt = read_checkpoint(wan_folder("a14b"))
     symbols = symbol_ranges(ckpt, defaults(ckpt)[1])
-    digest = stage_source(ckpt, "text_encoder", "text_encoder", symbols, 20, {})
+
+    def text_source(symbols, opset=20):
+        return stage_sources(ckpt, {"text_encoder": "text_encoder"}, symbols, opset)["text_encoder"]
+
+    digest = text_source(symbols)
     other_opt = {**symbols, "Hp": dataclasses.replace(symbols["Hp"], opt=symbols["Hp"].opt + 1)}
     other_max = {**symbols, "Hp": dataclasses.replace(symbols["Hp"], max=symbols["Hp"].max - 1)}
-    assert stage_source(ckpt, "text_encoder", "text_encoder", other_opt, 20, {}) == digest
-    assert stage_source(ckpt, "text_encoder", "text_encoder", other_max, 20, {}) != digest
-    assert stage_source(ckpt, "text_encoder", "text_encoder", symbols, 21, {}) != digest
-    assert stage_source(ckpt, "transformer", "dit", symbols, 20, {}) != \
-        stage_source(ckpt, "transformer_2", "dit", symbols, 20, {})  # other weights
+    assert text_source(other_opt) == digest
+    assert text_source(other_max) != digest
+    assert text_source(symbols, 21) != digest
+    assert stage_sources(ckpt, {"dit": "transformer"}, symbols, 20)["dit"] != \
+        stage_sources(ckpt, {"dit": "transformer_2"}, symbols, 20)["dit"]  # other weights
 
 
 def test_known_releases_of_one_shape():

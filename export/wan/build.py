@@ -193,13 +193,24 @@ def component_files(ckpt: WanCheckpoint, component: str) -> list[Path]:
     return sorted([folder / "config.json", *folder.glob("*.safetensors")])
 
 
-def stage_source(ckpt: WanCheckpoint, component: str, stage: str, symbols, opset: int, digests: dict) -> str:
-    """What a stage's graph is made from: the component's weights and config, the pipeline flags
-    that shape its inputs, the code that wraps, exports and checks it, the exported shape ranges
-    (min and max: the typical value shapes no graph), opset and tool versions. Equal sources make
-    equal graphs: what `--reuse` matches. (Every export records it, so each can be reused later;
-    hashing reads the weights once more.)"""
-    if component not in digests:
+def stage_sources(ckpt: WanCheckpoint, component_of: dict[str, str], symbols, opset: int) -> dict[str, str]:
+    """Each stage's source digest: what its graph is made from. The component's weights and
+    config, the pipeline flags that shape its inputs, the code that wraps, exports and checks it,
+    the exported shape ranges (min and max: the typical value shapes no graph), opset and tool
+    versions. Equal sources make equal graphs: what `--reuse` matches. (Every export records
+    them, so each can be reused later; hashing reads the weights once more.)"""
+    import export.build
+    import export.onnx_export
+    import export.wan.checkpoint
+    import runtime.stages
+
+    code = (wan_stages_module, export.wan.checkpoint, export.onnx_export, export.build, runtime.stages)
+    shared = {"code": {Path(m.__file__).name: sha256_file(Path(m.__file__)) for m in code},
+              "pipeline": {"condition": ckpt.condition, "expand_timesteps": ckpt.expand_timesteps},
+              "symbols": {k: [v.min, v.max] for k, v in symbols.items()}, "tools": tool_versions(opset),
+              "versions": {m: importlib.metadata.version(m) for m in SOURCE_PACKAGES}}
+    weights = {}
+    for component in sorted(set(component_of.values())):
         h = hashlib.sha256()
         files = component_files(ckpt, component)
         log.info("hashing %s (%.1f GB): the source digest --reuse matches", component,
@@ -207,27 +218,14 @@ def stage_source(ckpt: WanCheckpoint, component: str, stage: str, symbols, opset
         for path in files:
             h.update(path.name.encode())
             h.update(bytes.fromhex(sha256_file(path)))
-        digests[component] = h.hexdigest()
-    code = {Path(m.__file__).name: sha256_file(Path(m.__file__)) for m in SOURCE_MODULES()}
-    recipe = {"stage": stage, "weights": digests[component], "code": code,
-              "pipeline": {"condition": ckpt.condition, "expand_timesteps": ckpt.expand_timesteps},
-              "symbols": {k: [v.min, v.max] for k, v in symbols.items()}, "tools": tool_versions(opset),
-              "versions": {m: importlib.metadata.version(m) for m in SOURCE_PACKAGES}}
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+        weights[component] = h.hexdigest()
+    return {stage: hashlib.sha256(json.dumps({**shared, "stage": stage, "weights": weights[component]},
+                                             sort_keys=True).encode()).hexdigest()
+            for stage, component in component_of.items()}
 
 
-# What a stage's graph depends on besides its weights: the wrappers, the loaders, the exporter
-# and its checks, the specs; and the packages that trace and translate it.
+# The packages that trace and translate a stage's graph (torch and onnx are in tool_versions).
 SOURCE_PACKAGES = ("diffusers", "transformers", "onnxscript", "onnx_ir")
-
-
-def SOURCE_MODULES():  # noqa: N802 - a constant that needs the imports done
-    import export.build
-    import export.onnx_export
-    import export.wan.checkpoint
-    import runtime.stages
-
-    return (wan_stages_module, export.wan.checkpoint, export.onnx_export, export.build, runtime.stages)
 
 
 def export_stages(ckpt: WanCheckpoint, writer: ArtifactWriter, symbols, opset: int, stage_names: list[str],
@@ -241,7 +239,6 @@ def export_stages(ckpt: WanCheckpoint, writer: ArtifactWriter, symbols, opset: i
     count = iter(range(1, len(stage_names) + 1))
     stages: dict[str, Stage] = {}
     latent: list = []
-    digests: dict[str, str] = {}
     sources: dict[str, str] = {}
 
     def export(name: str, module, stage_specs) -> None:
@@ -308,7 +305,7 @@ def export_stages(ckpt: WanCheckpoint, writer: ArtifactWriter, symbols, opset: i
     }
     component_of = {n: {"dit": "transformer", "dit_2": "transformer_2", "text_encoder": "text_encoder",
                         "image_encoder": "image_encoder"}.get(n, "vae") for n in stage_names}
-    sources.update({n: stage_source(ckpt, component_of[n], n, symbols, opset, digests) for n in stage_names})
+    sources.update(stage_sources(ckpt, component_of, symbols, opset))
     t0 = time.perf_counter()
     for component in sorted(components, key=lambda c: -weight_bytes(ckpt.root / c)):
         if copy([n for n in stage_names if component_of[n] == component]):
