@@ -137,6 +137,13 @@ def scaling(cfg, runs: int) -> list[dict]:
             out.append({"stage": "dit", "impl": "torch-eager", "scaling": attention, "frames": frames,
                         "height": size, "width": size, "tokens": shape[2] * (size // 16) ** 2,
                         "gflop": flops(dit, x, t, r, m) / 1e9, **rec})
+    return out + analytic_wan22_5b()
+
+
+def analytic_wan22_5b() -> list[dict]:
+    """FLOPs of one DiT step (CFG batch 2) at Wan2.2-TI2V-5B's shape, 480p and 720p, factorized
+    vs full attention, counted on the meta device (nothing is allocated or run)."""
+    out = []
     big = get_preset("wan2.2-5b")
     for label, (frames, h, w) in {"480p": (81, 480, 832), "720p": (121, 704, 1280)}.items():
         for attention in ("factorized", "full"):
@@ -153,6 +160,21 @@ def scaling(cfg, runs: int) -> list[dict]:
                         "resolution": label, "frames": frames, "height": h, "width": w, "tokens": tokens,
                         "gflop": gflop, "median_ms": None})
     return out
+
+
+def small_gflop_per_video(steps: int) -> float:
+    """FLOPs of one `small` video at its default size: the reference encode, `steps` DiT calls
+    (CFG batch 2) and the decode (random weights: FLOPs do not depend on them)."""
+    cfg = get_preset("small")
+    vae, dit = build_models(cfg)
+    v, g = cfg.video, cfg.geometry
+    shape = (2, cfg.vae.z_dim, g.frames_to_latent(v.frames), v.height // 8, v.width // 8)
+    x, t, r = torch.randn(shape), torch.rand(2) * 1000, torch.randn(*shape[:2], 1, *shape[3:])
+    m = torch.eye(2, 3).expand(2, shape[2], 2, 3)
+    step = flops(dit, x, t, r, m)
+    encode = flops(VAEEncoderStage(vae), torch.randn(1, 3, 1, v.height, v.width))
+    decode = flops(VAEDecoderStage(vae), torch.randn(1, *shape[1:]))
+    return (encode + steps * step + decode) / 1e9
 
 
 def speedups(records: list[dict]) -> list[tuple[str, float | None, float, bool]]:

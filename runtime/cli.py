@@ -1,4 +1,5 @@
-"""`wan-run`: generate a video from an artifact directory (a thin layer over runtime.Pipeline)."""
+"""`wan-run`: generate a video from an artifact directory, or through a wan-serve server (a thin
+layer over runtime.job and serve.client)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ Examples (the project's own model):
   wan-run artifacts/small --image ref.png --frames 33 --steps 30 --solver euler -o clip.gif
   wan-run artifacts/small --image ref.png --seed 7 -o frames/      # a folder of PNGs
   wan-run artifacts/small --image ref.png --move 0.3,-0.1 --turn 45 -o right_up.mp4
+\b
+Through a Triton server (wan-serve repo + wan-serve start; the same options, no artifacts here):
+  wan-run --server 127.0.0.1:8001 --image examples/reference.png -o out.mp4
 
 Defaults for frames, size, steps, guidance, shift and fps come from the artifact's manifest (the
 release's recommended values, or the preset's). The same seed gives the same video.
@@ -45,40 +49,12 @@ place. Distances are fractions of the frame's shorter side, x to the right and y
 """
 
 
-def parse_move(text: str | None) -> tuple[float, float] | None:
-    """'DX,DY' -> (dx, dy); a one-line WanError for anything else."""
-    if text is None:
-        return None
-    parts = text.split(",")
-    try:
-        if len(parts) != 2:
-            raise ValueError
-        return float(parts[0]), float(parts[1])
-    except ValueError:
-        raise WanError(f"move {text!r} is not allowed: use DX,DY (two numbers, e.g. 0.3,-0.1)") from None
-
-
-def motion_from_options(move, bend, turn, zoom, still):
-    """The Motion the options describe, or None for a random one drawn from the seed."""
-    from runtime.motion import Motion
-
-    given = [move is not None, bend is not None, turn is not None, zoom is not None]
-    if still and any(given):
-        raise WanError("--still is not allowed with --move, --bend, --turn or --zoom")
-    if still:
-        return Motion()
-    if not any(given):
-        return None
-    return Motion(parse_move(move) or (0.0, 0.0), bend or 0.0, turn or 0.0, 1.0 if zoom is None else zoom)
-
-
-SEED_ONLY = ("move", "bend", "turn", "zoom", "still", "guidance_rescale", "solver")
-WAN_ONLY = ("prompt", "negative_prompt", "scheduler", "guidance_2", "last_image")
-
-
 @click.command(epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"],
                                                   "max_content_width": 100})
-@click.argument("artifacts", type=click.Path(path_type=str))
+@click.argument("artifacts", required=False, type=click.Path(path_type=str))
+@click.option("--server", metavar="HOST:PORT", help="Generate through a Triton server's `wan` model (wan-serve "
+              "start; its gRPC port) instead of from ARTIFACTS; the server's repository fixes precision and "
+              "backend.")
 @click.option("--prompt", "-p", help="Released models: what the video shows.")
 @click.option("--negative-prompt", help="Released models: what to steer away from (default: \"\", as diffusers).")
 @click.option("--image", "-i", type=click.Path(path_type=str),
@@ -115,97 +91,75 @@ WAN_ONLY = ("prompt", "negative_prompt", "scheduler", "guidance_2", "last_image"
 @click.option("--zoom", type=float, help="The subject's final scale, 0.667 to 1.5.")
 @click.option("--still", is_flag=True, help="Keep the subject in place.")
 @click.option("--fps", type=int, help="Frames per second of the written video (1-120; GIF 1-50).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32",
-              show_default=True,
-              help="Which built precision of the graphs to run.")
-@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
-              show_default=True, help="onnxruntime (CPU, or CUDA with onnxruntime-gpu) or tensorrt "
-              "(the .plan engines of wan-export --tensorrt; needs an NVIDIA GPU).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]),
+              help="Which built precision of the graphs to run (default: fp32).")
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), help="onnxruntime (CPU, or CUDA with onnxruntime-gpu; the default) or "
+              "tensorrt (the .plan engines of wan-export --tensorrt; needs an NVIDIA GPU).")
 @click.option("--low-memory", is_flag=True, help="Released models: hold only the stage that runs (one "
               "A14B expert at a time; the encoders only while encoding). Lower peak memory, slower start.")
 @click.option("--threads", type=int, help="CPU threads for ONNX Runtime (default: all cores; at most "
               "the CPUs this process may use).")
-@click.option("--verify", type=click.Choice(["auto", "full", "none"]), default="auto",
-              show_default=True,
-              help="File integrity check: auto re-hashes only files changed since last checked.")
+@click.option("--verify", type=click.Choice(["auto", "full", "none"]),
+              help="File integrity check (default: auto, which re-hashes only files changed since last checked).")
 @click.option("--expect-manifest", metavar="SHA256", help="Refuse the artifacts unless manifest.json "
               "has this sha256 (wan-export prints it); every file is then re-hashed.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output: a video, or a folder "
               "holding only frames (anything else is refused).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or timing table.")
 @click.option("--debug", is_flag=True, help="Tracebacks and debug logging.")
-def main(artifacts, prompt, negative_prompt, image, last_image, output, frames, height, width, steps, guidance,
-         guidance_2, shift, scheduler, guidance_rescale, solver, seed, move, bend, turn, zoom, still, fps,
+def main(artifacts, server, prompt, negative_prompt, image, last_image, output, frames, height, width, steps,
+         guidance, guidance_2, shift, scheduler, guidance_rescale, solver, seed, move, bend, turn, zoom, still, fps,
          precision, backend, low_memory, threads, verify, expect_manifest, overwrite, quiet, debug):
-    """Generate a video from a wan-export artifact directory: from a text prompt (released Wan
-    models; TI2V-5B also from a first frame), or by animating a reference image (the project's
-    own model)."""
+    """Generate a video from a wan-export artifact directory (or through a wan-serve server):
+    from a text prompt (released Wan models; TI2V-5B also from a first frame), or by animating a
+    reference image (the project's own model)."""
     from runtime.files import regular_file
+    from runtime.job import Options
     from runtime.media import check_fps, check_output, output_kind
-    from runtime.pipeline import Pipeline
     from runtime.request import check_threads
 
-    options = dict(prompt=prompt, negative_prompt=negative_prompt, scheduler=scheduler, guidance_2=guidance_2,
-                   last_image=last_image, move=move, bend=bend,
-                   turn=turn, zoom=zoom, still=still or None, guidance_rescale=guidance_rescale, solver=solver)
+    opts = Options(prompt, negative_prompt, image, last_image, frames, height, width, steps, guidance, guidance_2,
+                   shift, scheduler, guidance_rescale, solver, seed, move, bend, turn, zoom, still)
     check_output(output, overwrite, fps)  # fail on a bad output name before any slow work
     check_threads(threads)
     for what, path in (("image", image), ("last image", last_image)):
         if path is not None:
             regular_file(path, what)  # before the artifacts are loaded (a FIFO would hang)
-    pipe = Pipeline.from_dir(artifacts, precision=precision, backend=backend, verify=verify,
-                             threads=threads, expect_manifest=expect_manifest, low_memory=low_memory)
-    family = pipe.manifest.family
-    foreign = [n for n in (SEED_ONLY if family == "wan" else WAN_ONLY) if options[n] is not None]
-    if foreign:
-        flag = "--" + foreign[0].replace("_", "-")
-        kind = "a released Wan model" if family == "wan" else "the project's own model (it takes no text)"
-        raise WanError(f"{flag} does not apply to these artifacts: they hold {kind}")
-    if family == "wan":
-        req = pipe.check_request(prompt, negative_prompt, image, frames, height, width, steps, guidance, shift,
-                                 seed, scheduler, guidance_2, last_image)
-        pixels = pipe.load_image(image) if image is not None else None
-        last = pipe.load_image(last_image, what="last image") if last_image is not None else None
-        timings, summary = _timings(pixels is not None, "text, image", "text"), _wan_summary(req, pipe)
-        make = lambda on_step: pipe.generate_chunks(req, timings, pixels, on_step=on_step,  # noqa: E731
-                                                    last_image=last)
-    else:
-        if image is None:
-            raise WanError("this model animates a reference image: give --image")
-        from runtime.media import load_image
+    if server is not None:
+        local = [flag for flag, value in (("ARTIFACTS", artifacts), ("--precision", precision),
+                                          ("--backend", backend), ("--low-memory", low_memory or None),
+                                          ("--threads", threads), ("--verify", verify),
+                                          ("--expect-manifest", expect_manifest)) if value is not None]
+        if local:
+            raise WanError(f"{local[0]} does not apply with --server: the server's repository (wan-serve repo) "
+                           "holds the artifacts and fixes how they run")
+        from serve.client import RemoteJob
 
-        motion = motion_from_options(move, bend, turn, zoom, still)  # checked by check_request
-        req = pipe.check_request(frames, height, width, steps, guidance, shift, solver, seed, guidance_rescale,
-                                 motion)
-        ref = load_image(image, req.height, req.width)
-        maps, used = pipe.motion_maps(ref, req)  # the motion given, or the one the seed draws
-        timings = _timings(True, "reference", "reference")
-        summary = [f"{req.solver}, guidance {req.guidance} rescaled {req.guidance_rescale}, seed {req.seed}"]
-        if pipe.takes_motion:
-            summary.append(f"motion: {used.describe()}" + (" (drawn from the seed)" if motion is None else ""))
-        make = lambda on_step: pipe.generate_chunks(ref, req, timings, on_step=on_step, maps=maps)  # noqa: E731
-    fps = check_fps(pipe.manifest.sampler["fps"] if fps is None else fps, output_kind(output))
-    path = write_with_progress(make, req.steps, output, fps, overwrite, quiet)
+        job = RemoteJob(server, opts)
+        default_fps = job.fps
+    else:
+        if artifacts is None:
+            raise WanError("give an artifact directory (wan-export --out) or --server HOST:PORT")
+        from runtime.job import prepare
+        from runtime.pipeline import Pipeline
+
+        pipe = Pipeline.from_dir(artifacts, precision=precision or "fp32", backend=backend or "onnxruntime",
+                                 verify=verify or "auto", threads=threads, expect_manifest=expect_manifest,
+                                 low_memory=low_memory)
+        job = prepare(pipe, opts)
+        default_fps = pipe.manifest.sampler["fps"]
+    fps = check_fps(default_fps if fps is None else fps, output_kind(output))
+    req = job.request
+    try:
+        path = write_with_progress(job.chunks, req.steps, output, fps, overwrite, quiet)
+    finally:
+        getattr(job, "close", lambda: None)()
     if not quiet:
         click.echo(f"wrote {path} ({req.frames} frames, {req.width}x{req.height}, {req.steps} steps, "
-                   f"{summary[0]})")
-        for line in summary[1:]:
+                   f"{job.summary[0]})")
+        for line in job.summary[1:]:
             click.echo(line)
-        click.echo(timings.table())
-
-
-def _timings(with_image: bool, both: str, one: str):
-    from runtime.pipeline import Timings
-
-    return Timings(encode_label=f"encode ({both if with_image else one})")
-
-
-def _wan_summary(req, pipe) -> list[str]:
-    from runtime.schedulers import SHORT_NAMES
-
-    name = SHORT_NAMES[req.scheduler] if req.scheduler else pipe.scheduler.name
-    guidance = f"guidance {req.guidance:g}" + (f"/{req.guidance_2:g}" if req.guidance_2 is not None else "")
-    return [f"{name}, shift {req.shift:g}, {guidance}, seed {req.seed}"]
+        click.echo(job.timings.table())
 
 
 def write_with_progress(make, steps: int, output, fps: int, overwrite: bool, quiet: bool):

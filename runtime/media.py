@@ -7,11 +7,13 @@ is replaced but an earlier output, and only with `overwrite`.
 
 from __future__ import annotations
 
+import io
 import itertools
 import logging
 import numbers
 import os
 import re
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Iterable
@@ -48,17 +50,29 @@ MAX_IMAGE_PIXELS = 100_000_000
 MAX_IMAGE_ASPECT = 16
 
 
-def load_image(path: PathLike, height: int | None = None, width: int | None = None, fit: str = "cover",
-               what: str = "reference image") -> np.ndarray:
+@dataclass(frozen=True)
+class SentFile:
+    """An image file's bytes as a client sent them (wan-run --server), under the name it had
+    there: read like a file of that name, so errors read as they do locally."""
+
+    name: str
+    data: bytes
+
+
+def load_image(path: PathLike | SentFile, height: int | None = None, width: int | None = None,
+               fit: str = "cover", what: str = "reference image") -> np.ndarray:
     """Read an image and bring it to (height, width); return uint8 (H, W, 3). `fit`: "cover"
     scales it to cover the size and takes the centre (bicubic; the seed family), "stretch"
     resizes it to the size exactly (Lanczos, as diffusers' VaeImageProcessor does), "none" keeps
     it as it is (released models resize it per stage, as diffusers' pipelines do)."""
     if fit != "none" and (height is None or width is None or height <= 0 or width <= 0):
         raise WanError(f"image size {height}x{width} is invalid; height and width must be > 0")
-    path = regular_file(path, what)
+    if isinstance(path, SentFile):
+        source, path = io.BytesIO(path.data), path.name
+    else:
+        source = path = regular_file(path, what)
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             w, h = img.size
             if w * h > MAX_IMAGE_PIXELS or max(w, h) > MAX_IMAGE_ASPECT * min(w, h):
                 raise WanError(f"{what} '{path}' is {w}x{h} pixels: use at most "

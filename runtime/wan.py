@@ -168,11 +168,11 @@ class WanPipeline(Pipeline):
 
     @staticmethod
     def load_image(image, what: str = "image") -> np.ndarray:
-        """A path or a uint8 (H, W, 3) array -> uint8 (H, W, 3) as given: the stages resize it
+        """A path (or a `SentFile`) or a uint8 (H, W, 3) array -> uint8 (H, W, 3) as given: the stages resize it
         as the pipeline does (to the video size for the VAE, CLIP's own way for CLIP)."""
-        from runtime.media import load_image
+        from runtime.media import SentFile, load_image
 
-        if isinstance(image, (str, Path)):
+        if isinstance(image, (str, Path, SentFile)):
             return load_image(image, fit="none", what=what)
         if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 \
                 or min(image.shape[:2]) < 1:

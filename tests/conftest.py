@@ -6,8 +6,10 @@ import contextlib
 import dataclasses
 import importlib.util
 import logging
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,7 +35,7 @@ def attention(request) -> str:
 
 def cli_argv(tool: str, *args) -> list[str]:
     """The command line of a console script (`wan-run`, `wan-export`) run by this interpreter."""
-    module = {"wan-run": "runtime.cli", "wan-export": "export.cli"}[tool]
+    module = {"wan-run": "runtime.cli", "wan-export": "export.cli", "wan-serve": "serve.cli"}[tool]
     code = f"import sys; from {module} import entry_point; sys.argv[0] = {tool!r}; entry_point()"
     return [sys.executable, "-c", code, *map(str, args)]
 
@@ -236,3 +238,42 @@ def wan_artifacts(wan_builds):
 
     get.result = lambda version: wan_builds.results[version]
     return get
+
+
+# --- serving ----------------------------------------------------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def serving_env() -> Path:
+    """The `bin` folder of the serving environment: wan-export with nvidia-pytriton (its bundled
+    tritonserver; it pins numpy<2, which its Python stub needs). `.ci/run` makes it; made here
+    when missing (a minute), or taken from $WAN_SERVE_ENV."""
+    env = Path(os.environ.get("WAN_SERVE_ENV", REPO_ROOT / ".venv-serve"))
+    if not (env / "bin" / "wan-serve").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
+        subprocess.run([str(env / "bin" / "pip"), "install", "--quiet", "-e", f"{REPO_ROOT}[serve]",
+                        "nvidia-pytriton==0.7.0"], check=True)
+    return env / "bin"
+
+
+@pytest.fixture(scope="session")
+def triton(serving_env, tmp_path_factory):
+    """Start servers on 127.0.0.1 (free ports): `triton(repo)` -> a started ServerProcess;
+    every one still running is stopped at the end of the session."""
+    from serve.server import ServerProcess
+
+    logs = tmp_path_factory.mktemp("triton-logs")
+    started = []
+
+    def start(repo, ports=None, name="server"):
+        server = ServerProcess(Path(repo), serving_env, logs / f"{name}-{len(started)}.log", ports)
+        started.append(server)
+        return server.start()
+
+    start.started = started
+    yield start
+    for server in started:
+        if server.proc is not None and server.proc.poll() is None:
+            server.stop()
