@@ -1,4 +1,4 @@
-"""runtime/ ships without torch: it must import and generate with torch unimportable."""
+"""runtime/ (and serve/) ship without torch: they must import and generate with torch unimportable."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ def test_runtime_runs_without_torch(tiny_dir, wan_artifacts, tmp_path):
 
         sys.meta_path.insert(0, NoTorch())
         import numpy as np
-        import runtime, runtime.cli, runtime.media, runtime.pipeline, runtime.seed, runtime.wan
+        import runtime, runtime.cli, runtime.job, runtime.media, runtime.pipeline, runtime.seed, runtime.wan
+        import serve.cli, serve.client, serve.protocol, serve.repository, serve.server  # serving too
         pipe = runtime.Pipeline.from_dir({str(tiny_dir)!r})
         frames = pipe(np.zeros((64, 64, 3), np.uint8), frames=5, steps=2)
         runtime.media.write_video(frames, {str(tmp_path / "x.mp4")!r})
@@ -46,7 +47,8 @@ def test_no_torch_import_in_runtime_sources():
     from pathlib import Path
 
     import runtime
+    import serve
 
-    for path in Path(runtime.__file__).parent.rglob("*.py"):
+    for path in [*Path(runtime.__file__).parent.rglob("*.py"), *Path(serve.__file__).parent.rglob("*.py")]:
         text = path.read_text()
         assert "import torch" not in text and "from torch" not in text, path
