@@ -21,6 +21,7 @@ concurrent videos' denoising steps run as one call.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ from pathlib import Path
 from runtime.errors import WanError
 from runtime.files import absolute, check_writable_dir, clean_stale, commit, exists, partial_name, remove
 from runtime.manifest import MANIFEST_NAME, load_manifest, read_manifest_bytes
-from runtime.request import available_cpus, whole
+from runtime.request import whole
 from runtime.stages import StageSpec
 from serve.protocol import MODEL
 
@@ -54,7 +55,8 @@ class RepoSettings:
     stage_backend: str = "python"
     instances: int = 1  # instances of each stage model
     concurrency: int = 4  # videos generated at once (instances of the `wan` model)
-    threads: int | None = None  # ONNX Runtime intra-op threads per stage instance (None: cores / instances)
+    threads: int | None = None  # ONNX Runtime intra-op threads per stage instance (None: the server's
+    # cores / instances, counted where it runs)
     spinning: bool = False  # ONNX Runtime's spin-waiting thread pool
     max_batch: int | None = None  # DiT batch across requests (None: the B the graphs were checked for)
     queue_delay_us: int = 2000  # how long the DiT's batcher waits to fill a batch
@@ -70,9 +72,6 @@ class RepoSettings:
             whole("max batch", self.max_batch, 1, 1024)
         whole("queue delay", self.queue_delay_us, 0, 10_000_000)
         return self
-
-    def stage_threads(self) -> int:
-        return self.threads or max(1, available_cpus() // self.instances)
 
 
 def _dims(spec_dims, batched: bool) -> list[int]:
@@ -112,9 +111,8 @@ def stage_config(spec: StageSpec, settings: RepoSettings, batch: int, graph: str
     body.append(f"instance_group [ {{ count: {settings.instances} kind: {device} }} ]")
     if batched:
         body.append(f"dynamic_batching {{ max_queue_delay_microseconds: {settings.queue_delay_us} }}")
-    if kind == "onnxruntime":  # Triton's ORT backend: the same thread choice as the Python models
-        threads = settings.stage_threads()
-        body.append(f'parameters {{ key: "intra_op_thread_count" value: {{ string_value: "{threads}" }} }}')
+    if kind == "onnxruntime" and settings.threads:  # Triton's ORT backend (else its own default)
+        body.append(f'parameters {{ key: "intra_op_thread_count" value: {{ string_value: "{settings.threads}" }} }}')
         body.append('parameters { key: "inter_op_thread_count" value: { string_value: "1" } }')
     return _config(spec.name, body)
 
@@ -205,13 +203,11 @@ def _write(src: Path, manifest, out: Path, settings: RepoSettings) -> None:
         info = {"stage": name, "spec": stage.spec.to_dict(), "graph": graph, "batched": batch > 0,
                 "source": {Path(r).name: r for r in rels},
                 "sha256": {Path(r).name: manifest.files[r]["sha256"] for r in rels},
-                "threads": settings.stage_threads(), "spinning": settings.spinning}
+                "threads": settings.threads, "instances": settings.instances, "spinning": settings.spinning}
         (version / STAGE_FILE).write_text(json.dumps(info, indent=1))
         if settings.stage_backend == "python":
             (version / "model.py").write_text(SHIM.format("stage_model"))
         (out / name / "config.pbtxt").write_text(stage_config(stage.spec, settings, batch, graph))
-    import hashlib
-
     marker = {"format": "wan-serve/1", "artifacts": str(src), "models": [MODEL, *manifest.stages],
               "manifest_sha256": hashlib.sha256(read_manifest_bytes(src)).hexdigest(), **asdict(settings)}
     (out / MARKER).write_text(json.dumps(marker, indent=1) + "\n")

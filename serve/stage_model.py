@@ -20,7 +20,7 @@ import numpy as np
 
 import triton_python_backend_utils as pb_utils  # provided by the Python backend's stub
 
-from runtime.backends import _ort_dtype
+from runtime.backends import StageSession
 from runtime.errors import WanError
 from runtime.manifest import sha256_file
 from runtime.stages import StageSpec
@@ -43,12 +43,13 @@ def session_options(threads: int, spinning: bool):
     return opts
 
 
-def load_stage(folder: Path):
-    """(spec, session, settings) from a model version folder; a WanError when the graph does
-    not match the manifest's sha256 or is not the stage the manifest says."""
+def load_stage(folder: Path) -> tuple[StageSession, dict]:
+    """(the stage's session, its settings) from a model version folder; a WanError when the
+    graph does not match the manifest's sha256 or is not the stage the manifest says."""
     import onnxruntime as ort
 
     from runtime.backends import available_providers
+    from runtime.request import available_cpus
 
     settings = json.loads((folder / STAGE_FILE).read_text())
     spec = StageSpec.from_dict(settings["stage"], settings["spec"])
@@ -57,12 +58,11 @@ def load_stage(folder: Path):
         if sha256_file(folder / name) != digest:
             raise WanError(f"artifact file '{folder / name}' does not match its sha256 in the manifest "
                            "(altered or corrupt); rewrite the repository with wan-serve repo")
-    session = ort.InferenceSession(str(graph), session_options(settings["threads"], settings["spinning"]),
+    # threads decided where the server runs, unless the repository fixed them
+    threads = settings["threads"] or max(1, available_cpus() // settings["instances"])
+    session = ort.InferenceSession(str(graph), session_options(threads, settings["spinning"]),
                                    providers=available_providers())
-    io = [[(a.name, _ort_dtype(a.type), a.shape) for a in args]
-          for args in (session.get_inputs(), session.get_outputs())]
-    spec.check_graph(*io, where=str(graph))
-    return spec, session, settings
+    return StageSession(spec, session, graph), settings  # StageSession checks the graph's I/O
 
 
 def batch_groups(requests_inputs: list[dict[str, np.ndarray]]) -> list[list[int]]:
@@ -77,7 +77,8 @@ def batch_groups(requests_inputs: list[dict[str, np.ndarray]]) -> list[list[int]
 class TritonPythonModel:
     def initialize(self, args):
         folder = Path(args["model_repository"]) / args["model_version"]
-        self.spec, self.session, settings = load_stage(folder)
+        stage, settings = load_stage(folder)
+        self.spec, self.session = stage.spec, stage.session
         self.batched = settings["batched"]
         self.output_names = [t.name for t in self.spec.outputs]
 

@@ -361,7 +361,7 @@ def test_killed_server_restarts_and_tampered_repository_is_refused(triton, tiny_
     first.kill()  # SIGKILL to the whole group: server and model stubs
     again = triton(repo, ports, name="restarted")
     np.testing.assert_array_equal(remote_frames(again.grpc_url, opts), expected)
-    again.stop()
+    assert again.stop() == 0  # SIGTERM: a clean shutdown
     # a byte changed in a graph after the repository was written: the load fails, saying which file
     graph = repo / "dit" / "1" / "dit.ort.onnx.data"
     data = bytearray(graph.read_bytes())
