@@ -55,7 +55,11 @@ def load(url: str, opts_for, clients: int, per_client: int) -> dict:
     def client(c):
         for k in range(per_client):
             t0 = time.perf_counter()
-            job = RemoteJob(url, opts_for(c * per_client + k))
+            try:
+                job = RemoteJob(url, opts_for(c * per_client + k))
+            except Exception as exc:  # noqa: BLE001 - counted
+                failures.append(str(exc))
+                continue
             try:
                 for _ in job.chunks():
                     pass
@@ -72,6 +76,8 @@ def load(url: str, opts_for, clients: int, per_client: int) -> dict:
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    if not latencies:
+        raise click.ClickException(f"every request failed, e.g. {failures[0]}")
     return {"clients": clients, "requests": clients * per_client, "failures": len(failures),
             "p50_ms": percentile(latencies, 50) * 1000, "p95_ms": percentile(latencies, 95) * 1000,
             "videos_per_s": len(latencies) / wall, "wall_s": wall}

@@ -135,7 +135,7 @@ def main(artifacts, server, prompt, negative_prompt, image, last_image, output, 
                            "holds the artifacts and fixes how they run")
         from serve.client import RemoteJob
 
-        job = RemoteJob(server, opts)
+        job = RemoteJob(server, opts)  # accepted by the server: closed below whatever happens
         default_fps = job.fps
     else:
         if artifacts is None:
@@ -148,12 +148,12 @@ def main(artifacts, server, prompt, negative_prompt, image, last_image, output, 
                                  low_memory=low_memory)
         job = prepare(pipe, opts)
         default_fps = pipe.manifest.sampler["fps"]
-    fps = check_fps(default_fps if fps is None else fps, output_kind(output))
     req = job.request
     try:
+        fps = check_fps(default_fps if fps is None else fps, output_kind(output))
         path = write_with_progress(job.chunks, req.steps, output, fps, overwrite, quiet)
     finally:
-        getattr(job, "close", lambda: None)()
+        job.close()  # a remote request still running is cancelled
     if not quiet:
         click.echo(f"wrote {path} ({req.frames} frames, {req.width}x{req.height}, {req.steps} steps, "
                    f"{job.summary[0]})")

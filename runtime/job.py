@@ -67,6 +67,9 @@ class Job:
         """Generate: uint8 frame chunks (n, H, W, 3); `on_step(i, seconds)` after each step."""
         return self._make(on_step)
 
+    def close(self) -> None:
+        """Nothing to let go locally (serve.client.RemoteJob ends its stream here)."""
+
 
 def parse_move(text: str | None) -> tuple[float, float] | None:
     """'DX,DY' -> (dx, dy); a one-line WanError for anything else."""

@@ -21,7 +21,8 @@ from runtime.job import Options
 from serve.protocol import MODEL, encode_request
 
 CONNECT_TIMEOUT_S = 10.0
-RESPONSE_TIMEOUT_S = 600.0  # between two responses: the longest step or decode chunk
+ACCEPT_TIMEOUT_S = 3600.0  # a request waits in Triton's queue while every wan instance is busy
+RESPONSE_TIMEOUT_S = 600.0  # between two responses once accepted: the longest step or decode chunk
 
 
 def _grpc():
@@ -72,9 +73,9 @@ class RemoteJob:
             inputs.append(t)
         self.client.start_stream(callback=lambda result, error: self._responses.put((result, error)))
         self._streaming = True
-        self.client.async_stream_infer(MODEL, inputs, enable_empty_final_response=True)
         try:
-            first = self._next()
+            self.client.async_stream_infer(MODEL, inputs, enable_empty_final_response=True)
+            first = self._next(ACCEPT_TIMEOUT_S)
             if first[0] != "accepted":
                 raise WanError(f"the server answered {first[0]!r} before accepting the request")
         except BaseException:
@@ -84,13 +85,14 @@ class RemoteJob:
         self.request = SimpleNamespace(**{k: info[k] for k in ("frames", "height", "width", "steps")})
         self.fps, self.summary = info["fps"], info["summary"]
 
-    def _next(self):
+    def _next(self, timeout: float | None = None):
         """The next (kind, event, result) from the stream; a WanError for Triton's error. The
         response that ends the stream carries Triton's `triton_final_response` flag."""
+        timeout = timeout or self.timeout
         try:
-            result, error = self._responses.get(timeout=self.timeout)
+            result, error = self._responses.get(timeout=timeout)
         except queue.Empty:
-            raise WanError(f"the server at {self.url} sent nothing for {self.timeout:g} s; gave up") from None
+            raise WanError(f"the server at {self.url} sent nothing for {timeout:g} s; gave up") from None
         if error is not None:
             self.done = True
             raise WanError(_reason(error))
@@ -116,7 +118,7 @@ class RemoteJob:
                 video = result.as_numpy("video")
                 self.video = None if video is None else video.tobytes()
             if self.done:
-                if kind not in ("done", "final"):
+                if self.timings.text == "":  # no "done": the video was cut short (the server's log says why)
                     raise WanError(f"the server ended the stream after {kind!r}, before the video was done")
                 return
 

@@ -49,7 +49,11 @@ def encode_request(opts: Options, output: str = "frames", fps: int | None = None
         path = getattr(opts, name)
         if path is not None:
             fields[f"{name}_name"] = str(path)
-            tensors[name] = np.frombuffer(Path(path).read_bytes(), dtype=np.uint8)
+            try:
+                data = Path(path).read_bytes()
+            except OSError as exc:
+                raise WanError(f"{name.replace('_', ' ')} '{path}' cannot be read: {exc.strerror}") from None
+            tensors[name] = np.frombuffer(data, dtype=np.uint8)
     tensors["request"] = text_tensor(fields)
     return tensors
 

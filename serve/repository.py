@@ -68,8 +68,8 @@ class RepoSettings:
         whole("concurrency", self.concurrency, 1, 256)
         if self.threads is not None:
             whole("threads", self.threads, 1, 1024)
-        if self.max_batch is not None:
-            whole("max batch", self.max_batch, 1, 1024)
+        if self.max_batch is not None:  # a guided video is a DiT batch of 2
+            whole("max batch", self.max_batch, 2, 1024, "use 2 (no joining: one guided video per DiT call) to 1024")
         whole("queue delay", self.queue_delay_us, 0, 10_000_000)
         return self
 
@@ -153,6 +153,11 @@ def stage_files(manifest, name: str, settings: RepoSettings) -> tuple[str, list[
         if art.engine is None:
             raise WanError(f"stage {name} has no TensorRT engine at {settings.precision}; build one with "
                            "wan-export --tensorrt, or use --stage-backend onnxruntime")
+        builder = art.engine.get("builder", {})
+        if builder.get("flavour") == "tensorrt-rtx":
+            raise WanError(f"stage {name}'s engine was built by TensorRT for RTX, which Triton's tensorrt_plan "
+                           "backend does not load: build the engines with the full tensorrt of the Triton "
+                           "container's version, on the GPU type that will run them")
         rel = art.engine["path"]
         return Path(rel).name, [rel]
     # The fused ONNX Runtime graph where one was built (CPU contrib ops), else the portable one
@@ -200,6 +205,9 @@ def _write(src: Path, manifest, out: Path, settings: RepoSettings) -> None:
         for rel in rels:
             link_or_copy(src / rel, version / Path(rel).name)
         batch = (settings.max_batch or max_b) if name in BATCHED_STAGES and batchable(stage.spec) else 0
+        engine = stage.artifacts[settings.precision].engine
+        if batch and settings.stage_backend == "tensorrt" and engine and "B" in engine.get("symbols", {}):
+            batch = min(batch, engine["symbols"]["B"][-1])  # what the engine's profile allows
         info = {"stage": name, "spec": stage.spec.to_dict(), "graph": graph, "batched": batch > 0,
                 "source": {Path(r).name: r for r in rels},
                 "sha256": {Path(r).name: manifest.files[r]["sha256"] for r in rels},

@@ -29,7 +29,9 @@ from runtime.errors import WanError
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install --no-deps nvidia-pytriton==0.7.0 (its wheel bundles a tritonserver), or run in NVIDIA's Triton container"
+INSTALL_HINT = ("make a serving environment: python3 -m venv .venv-serve && .venv-serve/bin/pip install "
+                "'wan-export[serve]' nvidia-pytriton==0.7.0 (its wheel bundles a tritonserver; it pins numpy<2), "
+                "or run in NVIDIA's Triton container")
 
 
 @dataclass(frozen=True)
@@ -115,8 +117,12 @@ def server_command(repo: Path, host: str, grpc_port: int, http_port: int, metric
         raise WanError(f"the bundled tritonserver has no Python backend stub for Python {version}")
     backends = Path(tempfile.mkdtemp(prefix="wan-serve-backends-"))
     python = backends / "python"
-    shutil.copytree(folder / "backends" / "python", python)
-    shutil.copy2(stub, python / stub.name)
+    try:
+        shutil.copytree(folder / "backends" / "python", python)
+        shutil.copy2(stub, python / stub.name)
+    except OSError as exc:
+        shutil.rmtree(backends, ignore_errors=True)
+        raise WanError(f"cannot prepare the Python backend in '{backends}': {exc}") from None
     return ServerCommand([str(folder / "bin" / "tritonserver"), f"--backend-directory={backends}", *args],
                          _stub_env(folder.parent.parent, interpreter, libdir), backends)
 
@@ -124,14 +130,23 @@ def server_command(repo: Path, host: str, grpc_port: int, http_port: int, metric
 def run_server(cmd: ServerCommand) -> int:
     """Run the server in the foreground until it exits; SIGTERM and SIGINT are passed on to it
     (Triton then refuses new requests, finishes the ones in flight, up to 10 s, and unloads)."""
-    proc = subprocess.Popen(cmd.argv, env=cmd.env)
+    stop = []  # a signal that came before the server started
 
     def forward(signum, frame):
-        if proc.poll() is None:
+        if proc is None:
+            stop.append(signum)
+        elif proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
 
+    proc = None
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
+        try:
+            proc = subprocess.Popen(cmd.argv, env=cmd.env)
+        except OSError as exc:
+            raise WanError(f"cannot start '{cmd.argv[0]}': {exc.strerror}") from None
+        if stop:
+            forward(stop[0], None)
         while True:
             try:
                 return proc.wait()
@@ -140,20 +155,23 @@ def run_server(cmd: ServerCommand) -> int:
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
-        if proc.poll() is None:
+        if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
         if cmd.backends is not None:
             shutil.rmtree(cmd.backends, ignore_errors=True)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on now (the OS picks it)."""
+def free_ports(n: int, host: str = "127.0.0.1") -> tuple[int, ...]:
+    """`n` different TCP ports nothing listens on now (the OS picks them, all held at once)."""
+    import contextlib
     import socket
 
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind((host, 0))
+        return tuple(s.getsockname()[1] for s in socks)
 
 
 def tree_rss_mb(pid: int) -> float:
@@ -189,7 +207,7 @@ class ServerProcess:
     def __init__(self, repo: Path, env_bin: Path, log_path: Path, ports: tuple[int, int, int] | None = None,
                  ready_timeout: float = 120.0):
         self.repo, self.env_bin, self.log_path, self.ready_timeout = repo, Path(env_bin), log_path, ready_timeout
-        self.grpc_port, self.http_port, self.metrics_port = ports or (free_port(), free_port(), free_port())
+        self.grpc_port, self.http_port, self.metrics_port = ports or free_ports(3)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -228,6 +246,7 @@ class ServerProcess:
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                self._log.close()
                 raise WanError(f"wan-serve start exited with code {self.proc.returncode}; log: {self.log_path}")
             if self.http("/v2/health/ready")[0] == 200:
                 return self

@@ -20,8 +20,8 @@ import numpy as np
 
 import triton_python_backend_utils as pb_utils  # provided by the Python backend's stub
 
-from runtime.backends import StageSession
-from runtime.errors import WanError
+from runtime.backends import StageSession, out_of_memory
+from runtime.errors import WanError, is_out_of_memory
 from runtime.manifest import sha256_file
 from runtime.stages import StageSpec
 from serve.repository import STAGE_FILE
@@ -101,12 +101,16 @@ class TritonPythonModel:
                 inputs.append(None)
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
         live = [i for i, x in enumerate(inputs) if x is not None]
-        for group in batch_groups([inputs[i] for i in live]):
+        groups = batch_groups([inputs[i] for i in live]) if self.batched else [[k] for k in range(len(live))]
+        for group in groups:
             members = [live[k] for k in group]
             try:
                 for i, outputs in zip(members, self._run([inputs[i] for i in members])):
                     tensors = [pb_utils.Tensor(name, self._shaped(name, value)) for name, value in outputs.items()]
                     responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
+            except WanError as exc:  # out of memory: the runtime's own line
+                for i in members:
+                    responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
             except Exception as exc:  # noqa: BLE001 - the caller gets ORT's reason in one line
                 for i in members:
                     line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -124,7 +128,12 @@ class TritonPythonModel:
         else:
             feeds = {name: np.concatenate([x[name] for x in batch]) for name in batch[0]}  # (sum B, ...)
         self.spec.bind(feeds)
-        values = self.session.run(self.output_names, feeds)
+        try:
+            values = self.session.run(self.output_names, feeds)
+        except Exception as exc:  # ONNX Runtime raises its own types; out of memory reads as locally
+            if is_out_of_memory(exc):
+                raise out_of_memory(self.spec.name, feeds) from None
+            raise
         if len(batch) == 1:
             return [dict(zip(self.output_names, values))]
         sizes = np.cumsum([next(iter(x.values())).shape[0] for x in batch])[:-1]

@@ -115,15 +115,13 @@ class TritonPythonModel:
             try:
                 self.generate(request, sender)
             except Cancelled:
-                sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                _final(sender)
             except WanError as exc:
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))),
-                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                _final(sender, pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
             except Exception as exc:  # noqa: BLE001 - a bug: the client still gets one line
                 log.exception("generation failed")
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(
-                    f"internal error in the wan model: {type(exc).__name__}: {exc}")),
-                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                _final(sender, pb_utils.InferenceResponse(error=pb_utils.TritonError(
+                    f"internal error in the wan model: {type(exc).__name__}: {exc}")))
         return None  # decoupled: every response went through its sender
 
     def generate(self, request, sender) -> None:
@@ -146,7 +144,10 @@ class TritonPythonModel:
             tensors = [pb_utils.Tensor("event", event(kind, **{k: v for k, v in fields.items()
                                                               if not isinstance(v, np.ndarray)}))]
             tensors += [pb_utils.Tensor(k, v) for k, v in fields.items() if isinstance(v, np.ndarray)]
-            sender.send(pb_utils.InferenceResponse(output_tensors=tensors))
+            try:
+                sender.send(pb_utils.InferenceResponse(output_tensors=tensors))
+            except Exception:  # noqa: BLE001 - the client went away between the check and the send
+                raise Cancelled from None
 
         send("accepted", frames=req.frames, height=req.height, width=req.width, steps=req.steps,
              fps=sampler["fps"], summary=job.summary)
@@ -162,6 +163,17 @@ class TritonPythonModel:
         tensors += [pb_utils.Tensor(k, v) for k, v in extra.items()]
         sender.send(pb_utils.InferenceResponse(output_tensors=tensors),
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+
+def _final(sender, response=None) -> None:
+    """End a request's stream; a client already gone cannot be told anything."""
+    try:
+        if response is None:
+            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        else:
+            sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+    except Exception:  # noqa: BLE001
+        log.debug("could not end a request's stream (its client is gone)")
 
 
 def encode_mp4(chunks, fps: int) -> bytes:
