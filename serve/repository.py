@@ -30,7 +30,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from runtime.errors import WanError
-from runtime.files import absolute, check_writable_dir, clean_stale, commit, exists, partial_name, remove
+from runtime.files import (absolute, check_writable_dir, clean_stale, commit, environment_error, exists,
+                           partial_name, remove)
 from runtime.manifest import MANIFEST_NAME, load_manifest, read_manifest_bytes
 from runtime.request import whole
 from runtime.stages import StageSpec
@@ -179,6 +180,10 @@ def write_repository(artifacts, out, settings: RepoSettings = RepoSettings(), fo
     names = list(manifest.stages)
     if MODEL in names:
         raise WanError(f"'{src}' has a stage named {MODEL!r}, which the repository's generation model uses")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)  # like wan-export --out: parents are made
+    except OSError as exc:
+        raise environment_error(exc, "repository folder", target.parent) from None
     check_writable_dir(target.parent, "repository folder")
     clean_stale(target)
     partial = partial_name(target)

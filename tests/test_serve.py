@@ -132,8 +132,8 @@ def test_repository_refusals(tiny_dir, tmp_path):
     assert "already exists (use --force to replace it)" in refused(tiny_dir, "--out", keep)
     assert "not a model repository written by wan-serve" in refused(tiny_dir, "--out", keep, "--force")
     assert (keep / "notes.txt").read_text() == "mine"
-    # a repository it wrote is replaced with --force
-    out = tmp_path / "r"
+    # a repository it wrote (parent folders made, as wan-export --out does) is replaced with --force
+    out = tmp_path / "new" / "r"
     assert run("wan-serve", "repo", tiny_dir, "--out", out).returncode == 0
     assert run("wan-serve", "repo", tiny_dir, "--out", out, "--force", "--concurrency", "2").returncode == 0
     assert "count: 2" in (out / "wan" / "config.pbtxt").read_text()
