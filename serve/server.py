@@ -174,20 +174,26 @@ def free_ports(n: int, host: str = "127.0.0.1") -> tuple[int, ...]:
         return tuple(s.getsockname()[1] for s in socks)
 
 
-def tree_rss_mb(pid: int) -> float:
-    """Resident memory of a process and all its descendants (the server and its model stubs), MB."""
-    children: dict[int, list[int]] = {}
+def children() -> dict[int, list[int]]:
+    """Parent pid -> its child pids, from /proc."""
+    out: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])  # after "(comm)"
             except (OSError, IndexError, ValueError):
                 continue
-            children.setdefault(ppid, []).append(int(entry.name))
+            out.setdefault(ppid, []).append(int(entry.name))
+    return out
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and all its descendants (the server and its model stubs), MB."""
+    tree = children()
     total, todo = 0, [pid]
     while todo:
         p = todo.pop()
-        todo += children.get(p, [])
+        todo += tree.get(p, [])
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
@@ -256,14 +262,7 @@ class ServerProcess:
 
     def server_pid(self) -> int | None:
         """The tritonserver process (the child of wan-serve start)."""
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == self.proc.pid:
-                        return int(entry.name)
-                except (OSError, IndexError, ValueError):
-                    continue
-        return None
+        return next(iter(children().get(self.proc.pid, [])), None)
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM, as an orchestrator would; SIGKILL to the whole group if it does not stop."""

@@ -3,7 +3,8 @@
 This is what `wan-serve repo` writes where Triton's own onnxruntime backend is absent (the Triton
 that nvidia-pytriton bundles has only the Python backend). Each model version folder holds the
 graph (linked from the artifact directory) and `stage.json`: the stage's spec, the graph's
-sha256 from the manifest (checked at load: a tampered graph fails the load), and the ONNX Runtime
+sha256 from the manifest (checked at load, unless the graph is a hard link of the `wan` model's
+artifact copy, which that model hashes: a tampered graph fails the load), and the ONNX Runtime
 thread settings.
 
 Triton's Python backend hands a dynamically batched model a list of requests without joining
@@ -54,8 +55,11 @@ def load_stage(folder: Path) -> tuple[StageSession, dict]:
     settings = json.loads((folder / STAGE_FILE).read_text())
     spec = StageSpec.from_dict(settings["stage"], settings["spec"])
     graph = folder / settings["graph"]
+    copy = folder.parent.parent / "wan" / "1" / "artifacts"  # the `wan` model hashes that copy at its load
     for name, digest in settings["sha256"].items():
-        if sha256_file(folder / name) != digest:
+        source = copy / settings["source"][name]
+        linked = source.exists() and (folder / name).samefile(source)  # a hard link: one file, hashed once
+        if not linked and sha256_file(folder / name) != digest:
             raise WanError(f"artifact file '{folder / name}' does not match its sha256 in the manifest "
                            "(altered or corrupt); rewrite the repository with wan-serve repo")
     # threads decided where the server runs, unless the repository fixed them

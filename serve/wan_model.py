@@ -1,7 +1,7 @@
 """`wan`: the decoupled Triton Python model that generates a video over the stage models.
 
 At load it reads the artifact directory linked into its version folder (`artifacts/`) with
-every file re-hashed against the manifest, and checks that each stage model's graph is the one
+every file re-hashed against the manifest (by one instance per group), and checks that each stage model's graph is the one
 the manifest lists; a tampered file fails the load with the runtime's integrity error.
 
 Per request it runs the runtime's own code (runtime.job.prepare, then the family pipeline's
@@ -105,7 +105,10 @@ class TritonPythonModel:
 
         folder = Path(args["model_repository"]) / args["model_version"]
         root = folder / "artifacts"
-        manifest = load_manifest(root, verify="full")
+        # Instance 0 of each group re-hashes every file (its failure fails the model's load, and
+        # Triton then exits); the other instances read the same files and need not hash them again.
+        first = args.get("model_instance_name", "_0").endswith("_0")
+        manifest = load_manifest(root, verify="full" if first else "none")
         batched = check_stage_models(Path(args["model_repository"]).parent, root, manifest)
         self.pipe = Pipeline.for_manifest(root, manifest, TritonBackend(manifest, batched))
 
