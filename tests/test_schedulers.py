@@ -35,7 +35,10 @@ def diffusers_scheduler(config: dict):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_every_step_equals_diffusers(name, steps):
     """Same model outputs fed to both, each keeping its own history: every timestep and every
-    step's sample agree to 1e-5 (relative to the sample's scale)."""
+    step's sample agree to 5e-5 (relative to the sample's scale). Measured at most 1.95e-5 (UniPC
+    order 3, 50 steps, on an AMD EPYC host; earlier CI hosts stayed within 1e-5): diffusers
+    solves UniPC's order-3 system in float32 with torch.linalg.solve, whose rounding follows the
+    CPU's kernels, and the error is carried through 50 steps."""
     config = CONFIGS[name]
     ref = diffusers_scheduler(config)
     ref.set_timesteps(steps)
@@ -52,7 +55,7 @@ def test_every_step_equals_diffusers(name, steps):
         x, state = ours.step(schedule, i, v, x, state)
         assert x.dtype == np.float32 and np.isfinite(x).all()
         worst = max(worst, float(np.abs(x - x_ref.numpy()).max() / max(1.0, np.abs(x_ref.numpy()).max())))
-    assert worst <= 1e-5, worst
+    assert worst <= 5e-5, worst
 
 
 @pytest.mark.parametrize("config, needle", [
