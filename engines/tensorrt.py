@@ -25,7 +25,8 @@ STAGE_BATCH = {"vae_encoder": (1, 1, 1), "dit": (1, 2, 2), "vae_decoder": (1, 1,
                "vae_decoder_first": (1, 1, 1), "vae_decoder_step": (1, 1, 1),
                "vae_encoder_first": (1, 1, 1), "vae_encoder_step": (1, 1, 1),  # I2V's condition video
                "dit_2": (1, 2, 2), "image_encoder": (1, 1, 1),  # A14B's second expert, Wan2.1 I2V's CLIP
-               "text_encoder": (1, 2, 2)}  # prompt and negative prompt
+               "text_encoder": (1, 2, 2),  # prompt and negative prompt
+               "dit_context": (1, 2, 2), "dit_2_context": (1, 2, 2)}  # --text-kv: the DiT's own batch
 
 
 @dataclass(frozen=True)

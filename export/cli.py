@@ -72,12 +72,16 @@ errors go into manifest.json, and a stage over its tolerance fails the build.
               help="TensorRT timing cache to load and update (default: one inside the artifacts).")
 @click.option("--reuse", type=click.Path(path_type=str), help="--model: an artifact directory whose stages "
               "made from the same weights, code and tools are copied, not exported again.")
+@click.option("--text-kv", is_flag=True, help="--model: compute each expert's cross-attention keys and values "
+              "of the text (and image) tokens once per video, in a context graph whose outputs the step graph "
+              "takes, instead of at every step (the step graph loses those projections; held per video: "
+              "2 x layers x 512 x dim floats per prompt).")
 @click.option("--force", is_flag=True, help="Replace an existing artifact directory (only one written by "
               "wan-export and holding nothing else; only after the new build has succeeded).")
 @click.option("--debug", is_flag=True, help="Tracebacks and the exporter's own logging.")
 def main(model_dir, list_models, preset, config_path, checkpoint, out, attention, opset, precision_list,
          int8_float_layers, tensorrt, trt_flavour, min_shape, opt_shape, max_shape,
-         builder_optimization_level, compute_capability, timing_cache, reuse, force, debug):
+         builder_optimization_level, compute_capability, timing_cache, reuse, text_kv, force, debug):
     """Export a model's stages to validated ONNX graphs (and TensorRT engines) with a manifest:
     a released Wan checkpoint (--model) or this project's own model (--preset / --config)."""
     from export.config import get_preset, load_config
@@ -98,10 +102,11 @@ def main(model_dir, list_models, preset, config_path, checkpoint, out, attention
             raise WanError(f"--model is a released checkpoint: {', '.join(given) or '--int8-float-layers'} "
                            "belongs to the project's own model, not to it")
         export_released(model_dir, out, force, opset, precision_list, tensorrt, trt_flavour, min_shape,
-                        opt_shape, max_shape, builder_optimization_level, compute_capability, timing_cache, reuse)
+                        opt_shape, max_shape, builder_optimization_level, compute_capability, timing_cache, reuse,
+                        text_kv)
         return
-    if reuse:
-        raise WanError("--reuse copies stages of released models: it goes with --model")
+    if reuse or text_kv:
+        raise WanError(f"{'--reuse' if reuse else '--text-kv'} is for released models: it goes with --model")
     cfg = load_config(config_path) if config_path else get_preset(preset or "small")
     if attention:
         cfg = dataclasses.replace(cfg, dit=dataclasses.replace(cfg.dit, attention=attention))
@@ -157,7 +162,7 @@ def report(manifest, out, engines) -> None:
 
 
 def export_released(model_dir, out, force, opset, precision_list, tensorrt, flavour, min_shape, opt_shape,
-                    max_shape, level, targets, timing_cache, reuse=None) -> None:
+                    max_shape, level, targets, timing_cache, reuse=None, text_kv=False) -> None:
     """--model: a diffusers-layout Wan folder through export/wan/build.py."""
     wan = build_tool("export.wan.build", "wan-export --model (diffusers, transformers)")
     precisions = parse_precisions(precision_list)
@@ -169,7 +174,7 @@ def export_released(model_dir, out, force, opset, precision_list, tensorrt, flav
         engines = engine_options(video, maxima, wan.wan_geometry(ckpt.vae).pixels_per_token[0], min_shape,
                                  opt_shape, max_shape, flavour, level, targets, timing_cache)
     manifest = wan.build_wan_artifacts(model_dir, out, force=force, opset=opset, precisions=precisions,
-                                       engines=engines, reuse=reuse)
+                                       engines=engines, reuse=reuse, text_kv=text_kv)
     size = sum(f["size"] for f in manifest.files.values()) / 1e6
     release = manifest.model["release"]
     click.echo(f"wrote {out}: {manifest.model['pipeline']} ({manifest.model['version']}"

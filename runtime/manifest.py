@@ -49,7 +49,8 @@ PRECISIONS = ("fp32", "fp16", "int8")
 FAMILY_STAGES = {
     "seed": (STAGE_NAMES, STREAM_STAGE_NAMES),
     "wan": (("text_encoder", "dit", *STREAM_STAGE_NAMES),
-            ("vae_encoder", "vae_encoder_first", "vae_encoder_step", "image_encoder", "dit_2")),
+            ("vae_encoder", "vae_encoder_first", "vae_encoder_step", "image_encoder", "dit_2",
+             "dit_context", "dit_2_context")),  # the context stages: --text-kv builds
 }
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 

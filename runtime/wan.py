@@ -94,6 +94,9 @@ class WanPipeline(Pipeline):
                   "text": []}[self.condition]
         needed += ["dit_2"] if self.boundary_ratio is not None else []
         needed += ["image_encoder"] if self.clip is not None else []
+        # --text-kv builds: each expert's K/V come from its context stage, once per video
+        self.text_kv = bool(cfg.get("text_kv", False))
+        needed += [f"{e}_context" for e in self.experts] if self.text_kv else []
         missing = [n for n in needed if n not in self.stages]
         if missing:
             raise WanError(f"'{root}' has no {missing[0]} stage, which this model needs; rebuild with wan-export")
@@ -101,7 +104,8 @@ class WanPipeline(Pipeline):
     @staticmethod
     def on_demand(manifest) -> tuple[str, ...]:
         """--low-memory: the encoders run once per video and each A14B expert for its steps."""
-        once = ("text_encoder", "image_encoder", "vae_encoder", "vae_encoder_first", "vae_encoder_step")
+        once = ("text_encoder", "image_encoder", "vae_encoder", "vae_encoder_first", "vae_encoder_step",
+                *(f"{e}_context" for e in EXPERTS))
         return tuple(n for n in (*once, *EXPERTS) if n in manifest.stages)
 
     @property
@@ -281,9 +285,24 @@ class WanPipeline(Pipeline):
         mask = self.frame_mask(noise.shape, image_latent is not None)
         token_mask = mask[0, 0][:, ::2, ::2]  # (F, Hp, Wp): the per-token timestep's 0s and 1s
         # the same for both CFG branches: batched once
-        extra = {k: v if batch == 1 else xp.concatenate([v] * batch)
-                 for k, v in conditions.items() if k in ("condition", "image")}
+        batched = {k: v if batch == 1 else xp.concatenate([v] * batch)
+                   for k, v in conditions.items() if k in ("condition", "image")}
+        extra = {k: v for k, v in batched.items() if k == "condition"}
+        context = {"text": text, **{k: v for k, v in batched.items() if k == "image"}}
         guidance = {EXPERTS[0]: req.guidance, EXPERTS[1]: req.guidance_2}
+        contexts: dict[str, dict] = {}
+
+        def step_context(expert: str) -> dict:
+            """What the expert's step takes of the text (and image): the embeddings, or in a
+            --text-kv build their K/V stacks, computed at the expert's first step and kept
+            for its others (only the current expert's are held)."""
+            if not self.text_kv:
+                return context
+            if expert not in contexts:
+                contexts.clear()
+                contexts[expert] = self.stages[f"{expert}_context"](**context)
+                self.release(f"{expert}_context")  # --low-memory: run once
+            return contexts[expert]
 
         def model_input(x):
             return x if image_latent is None else (1 - mask) * image_latent + mask * x
@@ -298,7 +317,7 @@ class WanPipeline(Pipeline):
                 timestep = xp.full((batch,), t, dtype=xp.float32)
             latent = model_input(x)
             latent = latent if batch == 1 else xp.concatenate([latent] * batch)
-            v = self.stages[expert](latent=latent, timestep=timestep.astype(xp.float32), text=text,
+            v = self.stages[expert](latent=latent, timestep=timestep.astype(xp.float32), **step_context(expert),
                                     **extra)["velocity"]
             return v if batch == 1 else guided(v[:1], v[1:], guidance[expert])
 

@@ -135,9 +135,12 @@ def fake_stages(monkeypatch, build_mod, on_export=None):
 # Wan2.1 T2V, A14B and Wan2.1 I2V: every kind of stage at every precision. The tiny pipelines share
 # their seeded text encoder (and the Wan2.1 ones their VAE), so each export --reuse-s those stages
 # from the one before it, as a user exporting several releases would.
+# "+kv": the folder before the plus exported with --text-kv (two experts; CLIP image K/V).
 WAN_ORDER = ("wan2.2", "wan2.1", "a14b", "a14b-i2v", "wan2.1-i2v")
+WAN_BUILDS = (*WAN_ORDER, "a14b+kv", "wan2.1-i2v+kv")
 WAN_EXPORT_ARGS = {"wan2.1": ["--precision", "fp16,int8"], "a14b": ["--precision", "fp16,int8"],
-                   "a14b-i2v": ["--precision", "fp16"]}  # calibrated on images
+                   "a14b-i2v": ["--precision", "fp16"],  # calibrated on images
+                   "a14b+kv": ["--text-kv"], "wan2.1-i2v+kv": ["--text-kv"]}
 WAN_ENGINES = ("wan2.1", "a14b", "wan2.1-i2v")
 
 
@@ -150,7 +153,8 @@ class WanBuilds:
         import threading
 
         self.root, self.results, self.errors = root, {}, {}
-        self.ready = {(kind, v): threading.Event() for kind in ("folder", "artifacts") for v in WAN_ORDER}
+        self.ready = {**{("folder", v): threading.Event() for v in WAN_ORDER},
+                      **{("artifacts", v): threading.Event() for v in WAN_BUILDS}}
         self.proc, self.stopped = None, False
         threading.Thread(target=self._run, daemon=True).start()
 
@@ -180,14 +184,15 @@ class WanBuilds:
                 self.errors[("folder", v)] = None if r.returncode == 0 else r.stderr[-3000:]
                 self.ready[("folder", v)].set()
             previous = None
-            for v in WAN_ORDER:
+            for v in WAN_BUILDS:
                 extra = list(WAN_EXPORT_ARGS.get(v, []))
                 if v in WAN_ENGINES and HAVE_TRT_BUILDER:
                     extra += ["--tensorrt", "--min", "1x32x32", "--opt", "9x32x32", "--max", "17x64x64"]
                 if previous is not None:
                     extra += ["--reuse", previous]
                 out = self.root / "artifacts" / v
-                r = self._call(cli_argv("wan-export", "--model", self.root / "folders" / v, "--out", out, *extra))
+                folder = self.root / "folders" / v.split("+")[0]
+                r = self._call(cli_argv("wan-export", "--model", folder, "--out", out, *extra))
                 self.results[v] = r
                 self.errors[("artifacts", v)] = None if r.returncode == 0 else r.stderr[-3000:]
                 self.ready[("artifacts", v)].set()
@@ -201,7 +206,7 @@ class WanBuilds:
             event.set()
 
     def get(self, kind: str, version: str):
-        assert version in WAN_ORDER, version
+        assert version in (WAN_ORDER if kind == "folder" else WAN_BUILDS), version
         assert self.ready[(kind, version)].wait(timeout=1800), f"{kind} {version}: timed out"
         assert self.errors[(kind, version)] is None, self.errors[(kind, version)]
         return self.root / ("folders" if kind == "folder" else "artifacts") / version

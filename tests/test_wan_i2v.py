@@ -42,20 +42,46 @@ CASES = {
     "a14b image-to-video": ("a14b-i2v", {"image": picture(1)}),
     "a14b first and last frame": ("a14b-i2v", {"image": picture(1), "last_image": picture(2, 24, 40)}),
     "wan2.1 image-to-video": ("wan2.1-i2v", {"image": picture(1)}),
+    # --text-kv builds: the text (and CLIP image) K/V from the context graphs, each expert its own
+    "a14b text-to-video, --text-kv": ("a14b+kv", {}),
+    "wan2.1 image-to-video, --text-kv": ("wan2.1-i2v+kv", {"image": picture(1)}),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_video_matches_diffusers(case, wan_artifacts, wan_folder):
-    """The acceptance test: PSNR >= 40 dB against diffusers (measured 58.9-59.0 dB in all four:
-    uint8 rounding, at most 0.5 of 255). A14B with guidance 5 / guidance_2 3 (each expert its own)."""
+    """The acceptance test: PSNR >= 40 dB against diffusers (measured 58.9-59.0 dB in all six, the
+    --text-kv builds the same as their plain ones: uint8 rounding, at most 0.5 of 255). A14B with guidance 5 / guidance_2 3 (each expert its own)."""
     version, images = CASES[case]
     pipe = Pipeline.from_dir(wan_artifacts(version))
-    ours, ref = compare(pipe, wan_folder(version), guidance_2=3.0 if version.startswith("a14b") else None,
-                        **images)
+    ours, ref = compare(pipe, wan_folder(version.split("+")[0]),
+                        guidance_2=3.0 if version.startswith("a14b") else None, **images)
     assert ours.shape == ref.shape == (9, SIZE, SIZE, 3)
     assert psnr(ours, ref) >= 40.0, psnr(ours, ref)
     assert np.abs(ours - ref).max() <= 1.0
+
+
+def test_text_kv_stages(wan_artifacts):
+    """--text-kv: each expert has a context stage whose outputs are exactly what its step takes in
+    place of the embeddings, (B, 2 * layers, tokens, dim) stacks; the plain build has none."""
+    for version, experts, image in (("a14b+kv", ("dit", "dit_2"), False), ("wan2.1-i2v+kv", ("dit",), True)):
+        m = load_manifest(wan_artifacts(version))
+        assert m.family_config["text_kv"] is True
+        for dit in experts:
+            context, step = m.stages[f"{dit}_context"].spec, m.stages[dit].spec
+            outputs = {t.name: t for t in context.outputs}
+            assert set(outputs) == ({"text_kv", "image_kv"} if image else {"text_kv"})
+            assert [t.name for t in context.inputs] == (["text", "image"] if image else ["text"])
+            step_inputs = {t.name: t for t in step.inputs}
+            assert not {"text", "image"} & set(step_inputs)
+            tr = m.model["transformer"]
+            layers, dim = tr["num_layers"], tr["num_attention_heads"] * tr["attention_head_dim"]
+            for name, t in outputs.items():
+                assert step_inputs[name].to_dict() == t.to_dict()
+                assert (str(t.dims[1]), str(t.dims[3])) == (str(2 * layers), str(dim))
+            tokens = {f"{t.name}_kv": str(t.dims[1]) for t in context.inputs}  # 512 text tokens, CLIP's
+            assert {n: str(t.dims[2]) for n, t in outputs.items()} == tokens and tokens["text_kv"] == "512"
+    assert "dit_context" not in load_manifest(wan_artifacts("wan2.1-i2v")).stages
 
 
 def test_the_switch_and_the_image_keys_matter(wan_artifacts, wan_folder):

@@ -33,9 +33,9 @@ from export.wan import known
 from export.wan import stages as wan_stages_module
 from export.wan.checkpoint import (MAX_SEQUENCE_LENGTH, WanCheckpoint, load_image_encoder, load_text_encoder,
                                    load_transformer, load_vae, read_checkpoint)
-from export.wan.stages import (CLIPStage, DecoderFirstStage, DecoderStepStage, DiTStage, EncoderChunkStage,
-                               ImageEncoderStage, TextEncoderStage, WanStages, decoder_cache_layout,
-                               encoder_cache_layout, wan_geometry)
+from export.wan.stages import (CLIPStage, ContextStage, DecoderFirstStage, DecoderStepStage, DiTStage,
+                               EncoderChunkStage, ImageEncoderStage, KVDiTStage, TextEncoderStage, WanStages,
+                               decoder_cache_layout, encoder_cache_layout, wan_geometry)
 from runtime.errors import WanError
 from runtime.backends import OnnxRuntimeBackend, available_providers
 from runtime.errors import NonFiniteError
@@ -69,8 +69,10 @@ def defaults(ckpt: WanCheckpoint) -> tuple[dict, dict, str | None]:
     return sampler, video, (k.name if k else None)
 
 
-def wan_stages(ckpt: WanCheckpoint, decoder_caches=None, encoder_caches=None) -> WanStages:
+def wan_stages(ckpt: WanCheckpoint, decoder_caches=None, encoder_caches=None, text_kv: bool = False) -> WanStages:
     clip = None
+    t = ckpt.transformer
+    kv = (t["num_layers"], t["num_attention_heads"] * t["attention_head_dim"]) if text_kv else None
     if ckpt.image_embeddings:
         c = ckpt.image_encoder
         side, patch = c.get("image_size", 224), c.get("patch_size", 32)
@@ -78,7 +80,7 @@ def wan_stages(ckpt: WanCheckpoint, decoder_caches=None, encoder_caches=None) ->
     return WanStages(wan_geometry(ckpt.vae), ckpt.transformer.get("text_dim", 4096), MAX_SEQUENCE_LENGTH,
                      ckpt.condition, len(ckpt.experts), clip,
                      None if decoder_caches is None else tuple(decoder_caches),
-                     None if encoder_caches is None else tuple(encoder_caches))
+                     None if encoder_caches is None else tuple(encoder_caches), kv)
 
 
 def clip_preprocessing(ckpt: WanCheckpoint) -> dict:
@@ -105,10 +107,13 @@ def symbol_ranges(ckpt: WanCheckpoint, video: dict) -> dict[str, SymbolRange]:
 
 def build_wan_artifacts(model_dir: str | Path, out: str | Path, force: bool = False,
                         opset: int = DEFAULT_OPSET, precisions: tuple[str, ...] = ("fp32",),
-                        engines: EngineOptions | None = None, reuse: str | Path | None = None) -> Manifest:
+                        engines: EngineOptions | None = None, reuse: str | Path | None = None,
+                        text_kv: bool = False) -> Manifest:
     """Export a diffusers-layout Wan folder's stages to the artifact directory `out`. `reuse`:
     an artifact directory whose fp32 stages are copied where they came from the same weights,
-    code, tools and shape ranges (releases share the VAE and the text encoder)."""
+    code, tools and shape ranges (releases share the VAE and the text encoder). `text_kv`: each
+    expert's cross-attention K/V in a context graph run once per video (`dit_context`), the step
+    graph taking them."""
     ckpt = read_checkpoint(model_dir)  # everything checked before anything is loaded
     previous = reusable(reuse) if reuse is not None else None
     unknown = [p for p in precisions if p not in PRECISIONS]
@@ -118,7 +123,7 @@ def build_wan_artifacts(model_dir: str | Path, out: str | Path, force: bool = Fa
     sampler, video, release = defaults(ckpt)
     symbols = symbol_ranges(ckpt, video)
     geom = wan_geometry(ckpt.vae)
-    stage_names = wan_stages(ckpt).names()
+    stage_names = wan_stages(ckpt, text_kv=text_kv).names()
     if engines is not None:
         resolve_flavour(engines.flavour)
         for name in stage_names:
@@ -126,7 +131,7 @@ def build_wan_artifacts(model_dir: str | Path, out: str | Path, force: bool = Fa
     log.info("%s: %s (%s%s%s)", ckpt.root, ckpt.pipeline, ckpt.version,
              ", two experts" if len(ckpt.experts) == 2 else "", f", {release}" if release else "")
     with ArtifactWriter(out, force) as writer:
-        stages, latent = export_stages(ckpt, writer, symbols, opset, stage_names, previous)
+        stages, latent = export_stages(ckpt, writer, symbols, opset, stage_names, previous, text_kv)
         shutil.copyfile(ckpt.tokenizer_file, writer.path(TOKENIZER))
         manifest = Manifest(
             model={"name": ckpt.root.name, "pipeline": ckpt.pipeline, "version": ckpt.version,
@@ -140,7 +145,7 @@ def build_wan_artifacts(model_dir: str | Path, out: str | Path, force: bool = Fa
                 "text": {"tokenizer": TOKENIZER, "pad_token": ckpt.pad_token, "max_length": MAX_SEQUENCE_LENGTH},
                 "scheduler": ckpt.scheduler, "expand_timesteps": ckpt.expand_timesteps,
                 "condition": ckpt.condition, "takes_image": ckpt.takes_image, "needs_image": ckpt.needs_image,
-                "takes_last_image": ckpt.takes_last_image, "negative_prompt": "",
+                "takes_last_image": ckpt.takes_last_image, "negative_prompt": "", "text_kv": text_kv,
                 **({"boundary_ratio": ckpt.boundary_ratio} if len(ckpt.experts) == 2 else {}),
                 **({"clip": clip_preprocessing(ckpt)} if ckpt.image_embeddings else {}),
             },
@@ -229,7 +234,7 @@ SOURCE_PACKAGES = ("diffusers", "transformers", "onnxscript", "onnx_ir")
 
 
 def export_stages(ckpt: WanCheckpoint, writer: ArtifactWriter, symbols, opset: int, stage_names: list[str],
-                  previous: tuple[Path, Manifest] | None = None):
+                  previous: tuple[Path, Manifest] | None = None, text_kv: bool = False):
     """Each component loaded in turn, its stages exported and checked, then freed; the largest
     first, since what torch keeps after an export raises the floor of every later one. With
     `previous` (--reuse), a component whose stages are all there from the same source is copied
@@ -292,19 +297,29 @@ def export_stages(ckpt: WanCheckpoint, writer: ArtifactWriter, symbols, opset: i
         export("vae_decoder_first", DecoderFirstStage(vae, layout), specs)
         export("vae_decoder_step", DecoderStepStage(vae, layout), specs)
 
-    specs = wan_stages(ckpt).specs()
-    extra = tuple(t.name for t in specs["dit"].inputs[3:])  # condition, image
+    specs = wan_stages(ckpt, text_kv=text_kv).specs()
+    extra = tuple(t.name for t in specs["dit"].inputs[3:])  # condition, image (or image_kv)
+
+    def dit_stages(component: str, stage: str) -> None:
+        transformer = load_transformer(ckpt, component)
+        if text_kv:  # the context graph first: the step's wrapper replaces attn2's processors
+            export(f"{stage}_context", ContextStage(transformer), specs)
+            export(stage, KVDiTStage(transformer, ckpt.expand_timesteps, extra), specs)
+        else:
+            export(stage, DiTStage(transformer, ckpt.expand_timesteps, extra), specs)
+
     components = {
         "vae": vae_stages,
         "text_encoder": lambda: export("text_encoder", TextEncoderStage(load_text_encoder(ckpt)), specs),
-        **{component: (lambda component=component, stage=stage: export(
-            stage, DiTStage(load_transformer(ckpt, component), ckpt.expand_timesteps, extra), specs))
+        **{component: (lambda component=component, stage=stage: dit_stages(component, stage))
            for component, stage in zip(ckpt.experts, ("dit", "dit_2"))},
         **({"image_encoder": lambda: export("image_encoder", CLIPStage(load_image_encoder(ckpt)), specs)}
            if ckpt.image_embeddings else {}),
     }
     component_of = {n: {"dit": "transformer", "dit_2": "transformer_2", "text_encoder": "text_encoder",
-                        "image_encoder": "image_encoder"}.get(n, "vae") for n in stage_names}
+                        "image_encoder": "image_encoder"}.get(n.removesuffix("_context"), "vae")
+                    for n in stage_names}
+    # (a --text-kv build's DiT differs from a plain one's by its spec, which `copy` compares too)
     sources.update(stage_sources(ckpt, component_of, symbols, opset))
     t0 = time.perf_counter()
     for component in sorted(components, key=lambda c: -weight_bytes(ckpt.root / c)):
@@ -324,7 +339,9 @@ def export_stages(ckpt: WanCheckpoint, writer: ArtifactWriter, symbols, opset: i
 # measured on the calibration prompts).
 # A14B's two experts are reduced alike, each calibrated on the steps it serves (the recorder of
 # each stage sees only its own calls).
-REDUCED_STAGES = {"fp16": ("text_encoder", "dit", "dit_2"), "int8": ("dit", "dit_2")}
+# The context graphs (--text-kv) run once per video too: fp16 halves their weights, int8 keeps them
+# fp32 (as it keeps the cross-attentions they hold).
+REDUCED_STAGES = {"fp16": ("text_encoder", "dit_context", "dit", "dit_2_context", "dit_2"), "int8": ("dit", "dit_2")}
 # Module paths (the wrappers nest diffusers' transformer as `transformer.`) kept out of the
 # reduced precision: the DiT's embedders, patch embedding and head, and in int8 its
 # cross-attentions, as the seed family's defaults (engines/int8.py) for the same reasons.

@@ -12,6 +12,10 @@ own modules (nothing re-implemented), and their `StageSpec`s.
                        image embeddings) -> velocity; the timestep is (B,), or (B, F, Hp, Wp) per
                        token for TI2V (flattened to diffusers' (B, F*Hp*Wp)). dit_2 is A14B's
                        low-noise expert, the same spec.
+    dit_context        `--text-kv` builds: text embeddings (+ image embeddings) -> every block's
+    (dit_2_context)    cross-attention keys and values, (B, 2 * layers, 512, dim) (+ (B, 2 * layers,
+                       257, dim)), run once per video per expert; the step graph then takes them in
+                       place of the embeddings.
     vae_decoder_first  latent frame 0 -> video frame 0 + the decoder's feature caches
     vae_decoder_step   one latent frame + caches -> 4 video frames + the new caches
 
@@ -161,6 +165,76 @@ class DiTStage(nn.Module):
                                 encoder_hidden_states_image=given.get("image"), return_dict=False)[0]
 
 
+def context_kv(transformer, text, image=None):
+    """Every block's cross-attention keys and values of the text (and image) tokens, as diffusers'
+    WanAttnProcessor computes them: the condition embedder's projections, then per block
+    norm_k(to_k), to_v (and norm_added_k(add_k_proj), add_v_proj); no RoPE in cross-attention,
+    so nothing here depends on the step. Returns (B, 2 * layers, S, dim) stacks, k before v."""
+    emb = transformer.condition_embedder
+    ctx = emb.text_embedder(text)  # (B, 512, dim)
+    attn = [block.attn2 for block in transformer.blocks]
+    text_kv = torch.stack([t for a in attn for t in (a.norm_k(a.to_k(ctx)), a.to_v(ctx))], dim=1)
+    if image is None:
+        return (text_kv,)
+    img = emb.image_embedder(image)  # (B, 257, dim)
+    image_kv = torch.stack([t for a in attn for t in (a.norm_added_k(a.add_k_proj(img)), a.add_v_proj(img))], dim=1)
+    return text_kv, image_kv
+
+
+class ContextStage(nn.Module):
+    """`dit_context`: text (+ image) embeddings -> the K/V stacks of `context_kv`."""
+
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, text, *image):
+        return context_kv(self.transformer, text, *image)
+
+
+class CachedKVProcessor:
+    """An attn2 processor that takes its keys and values from `kv` (set by KVDiTStage before each
+    forward) instead of projecting the context: diffusers' WanAttnProcessor with its K/V
+    projections moved out (the query side, the attention calls and the output are its own)."""
+
+    def __init__(self):
+        self.kv: tuple[torch.Tensor, ...] = ()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))  # (B, L, H, Dh)
+        # each (B, S, dim) -> (B, S, H, Dh): k, v (+ k_img, v_img)
+        key, value, *image = (t.unflatten(2, (attn.heads, -1)) for t in self.kv)
+        out = dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False)
+        out = out.flatten(2, 3).type_as(query)  # (B, L, dim)
+        if image:  # I2V: a second attention over the image tokens, added (as diffusers does)
+            out = out + dispatch_attention_fn(query, *image, attn_mask=None, dropout_p=0.0,
+                                              is_causal=False).flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class KVDiTStage(DiTStage):
+    """The step graph of a `--text-kv` build: latent, timestep, text_kv (+ condition, image_kv)
+    -> velocity. The transformer gets a one-token dummy context (its text projection is then
+    negligible and its output unused: every attn2 reads the given K/V)."""
+
+    def __init__(self, transformer, per_token_timestep: bool, extra: tuple[str, ...] = ()):
+        super().__init__(transformer, per_token_timestep, tuple(n for n in extra if n != "image_kv"))
+        self.image = "image_kv" in extra
+        self.processors = [CachedKVProcessor() for _ in transformer.blocks]
+        for block, processor in zip(transformer.blocks, self.processors):
+            block.attn2.set_processor(processor)
+
+    def forward(self, latent, timestep, text_kv, *extra):
+        image_kv = extra[-1] if self.image else None
+        for i, processor in enumerate(self.processors):  # (B, 2 * layers, S, dim) -> this block's (B, S, dim)
+            processor.kv = (text_kv[:, 2 * i], text_kv[:, 2 * i + 1],
+                            *(() if image_kv is None else (image_kv[:, 2 * i], image_kv[:, 2 * i + 1])))
+        dummy = latent.new_zeros(latent.shape[0], 1, self.transformer.config.text_dim)  # (B, 1, text_dim)
+        return super().forward(latent, timestep, dummy, *(extra[:-1] if self.image else extra))
+
+
 class _DecoderChunk(nn.Module):
     """Shared by the two decoder graphs: denormalize, post_quant_conv, the decoder on one latent
     frame with `cache`, unpatchify, clamp; returns the video and the caches, each two frames."""
@@ -231,17 +305,23 @@ class WanStages:
     # encoder_cache_layout; the VAE stages' specs need them, the others do not
     decoder_caches: tuple[tuple[int, int, int], ...] | None = None
     encoder_caches: tuple[tuple[int, int, int], ...] | None = None
+    # --text-kv: (layers, dim) of the transformer; its experts get a context stage each
+    text_kv: tuple[int, int] | None = None
 
     @property
     def dits(self) -> tuple[str, ...]:
         return ("dit", "dit_2")[: self.experts]
+
+    def dit_stages(self) -> list[str]:
+        """The DiT stages, each after its context stage in --text-kv builds."""
+        return [n for d in self.dits for n in ((f"{d}_context", d) if self.text_kv else (d,))]
 
     def names(self) -> list[str]:
         """Every stage, in the order the runtime runs them."""
         return ["text_encoder", *(["image_encoder"] if self.clip else []),
                 *({"text": [], "first_frame": ["vae_encoder"],
                    "latents": ["vae_encoder_first", "vae_encoder_step"]}[self.condition]),
-                *self.dits, "vae_decoder_first", "vae_decoder_step"]
+                *self.dit_stages(), "vae_decoder_first", "vae_decoder_step"]
 
     def specs(self) -> dict[str, StageSpec]:
         geom = self.geometry
@@ -272,8 +352,16 @@ class WanStages:
                 "image_encoder", (TensorSpec("pixels", (B, Dim.fixed(3), Dim.fixed(side), Dim.fixed(side))),),
                 (image,))
             dit_inputs.append(image)
+        context = [t for t in dit_inputs if t.name in ("text", "image")]
+        if self.text_kv:  # the step takes the K/V stacks in their place
+            layers, dim = self.text_kv
+            kv = {t.name: TensorSpec(f"{t.name}_kv", (B, Dim.fixed(2 * layers), t.dims[1], Dim.fixed(dim)))
+                  for t in context}  # (B, 2 * layers, S, dim): k, v of each block
+            dit_inputs = [kv.get(t.name, t) for t in dit_inputs]
         for name in self.dits:
             specs[name] = StageSpec(name, tuple(dit_inputs), (TensorSpec("velocity", latent),))
+            if self.text_kv:
+                specs[f"{name}_context"] = StageSpec(f"{name}_context", tuple(context), tuple(kv.values()))
         if self.condition == "first_frame":
             specs["vae_encoder"] = StageSpec(
                 "vae_encoder",
