@@ -91,6 +91,10 @@ place. Distances are fractions of the frame's shorter side, x to the right and y
 @click.option("--zoom", type=float, help="The subject's final scale, 0.667 to 1.5.")
 @click.option("--still", is_flag=True, help="Keep the subject in place.")
 @click.option("--fps", type=int, help="Frames per second of the written video (1-120; GIF 1-50).")
+@click.option("--cache", metavar="METHOD[:THRESHOLD]", help="Step caching (off by default): reuse the last DiT "
+              "call's velocity while the steps barely change. teacache (default threshold 0.2: the "
+              "accumulated relative change of the input latent) or magcache (0.1: the predicted drift of the "
+              "velocity's magnitude); a higher threshold skips more. Each A14B expert caches on its own.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]),
               help="Which built precision of the graphs to run (default: fp32).")
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), help="onnxruntime (CPU, or CUDA with onnxruntime-gpu; the default) or "
@@ -109,7 +113,7 @@ place. Distances are fractions of the frame's shorter side, x to the right and y
 @click.option("--debug", is_flag=True, help="Tracebacks and debug logging.")
 def main(artifacts, server, prompt, negative_prompt, image, last_image, output, frames, height, width, steps,
          guidance, guidance_2, shift, scheduler, guidance_rescale, solver, seed, move, bend, turn, zoom, still, fps,
-         precision, backend, low_memory, threads, verify, expect_manifest, overwrite, quiet, debug):
+         cache, precision, backend, low_memory, threads, verify, expect_manifest, overwrite, quiet, debug):
     """Generate a video from a wan-export artifact directory (or through a wan-serve server):
     from a text prompt (released Wan models; TI2V-5B also from a first frame), or by animating a
     reference image (the project's own model)."""
@@ -119,7 +123,7 @@ def main(artifacts, server, prompt, negative_prompt, image, last_image, output, 
     from runtime.request import check_threads
 
     opts = Options(prompt, negative_prompt, image, last_image, frames, height, width, steps, guidance, guidance_2,
-                   shift, scheduler, guidance_rescale, solver, seed, move, bend, turn, zoom, still)
+                   shift, scheduler, guidance_rescale, solver, seed, move, bend, turn, zoom, still, cache)
     check_output(output, overwrite, fps)  # fail on a bad output name before any slow work
     check_threads(threads)
     for what, path in (("image", image), ("last image", last_image)):

@@ -45,6 +45,7 @@ class Options:
     turn: float | None = None
     zoom: float | None = None
     still: bool = False
+    cache: str | None = None  # runtime.cache: "METHOD[:THRESHOLD]"
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -118,6 +119,10 @@ def prepare(pipe, opts: Options) -> Job:
     return _seed_job(pipe, opts)
 
 
+def cache_note(req) -> str:
+    return f", cache {req.cache.describe()}" if req.cache is not None else ""
+
+
 def _timings(with_image: bool, both: str, one: str) -> Timings:
     return Timings(encode_label=f"encode ({both if with_image else one})")
 
@@ -126,13 +131,13 @@ def _wan_job(pipe, o: Options) -> Job:
     from runtime.schedulers import SHORT_NAMES
 
     req = pipe.check_request(o.prompt, o.negative_prompt, o.image, o.frames, o.height, o.width, o.steps,
-                             o.guidance, o.shift, o.seed, o.scheduler, o.guidance_2, o.last_image)
+                             o.guidance, o.shift, o.seed, o.scheduler, o.guidance_2, o.last_image, o.cache)
     pixels = pipe.load_image(o.image) if o.image is not None else None
     last = pipe.load_image(o.last_image, what="last image") if o.last_image is not None else None
     name = SHORT_NAMES[req.scheduler] if req.scheduler else pipe.scheduler.name
     guidance = f"guidance {req.guidance:g}" + (f"/{req.guidance_2:g}" if req.guidance_2 is not None else "")
     timings = _timings(pixels is not None, "text, image", "text")
-    return Job(req, [f"{name}, shift {req.shift:g}, {guidance}, seed {req.seed}"], timings,
+    return Job(req, [f"{name}, shift {req.shift:g}, {guidance}, seed {req.seed}{cache_note(req)}"], timings,
                lambda on_step: pipe.generate_chunks(req, timings, pixels, on_step=on_step, last_image=last))
 
 
@@ -143,10 +148,11 @@ def _seed_job(pipe, o: Options) -> Job:
         raise WanError("this model animates a reference image: give --image")
     motion = motion_from_options(o)  # checked by check_request
     req = pipe.check_request(o.frames, o.height, o.width, o.steps, o.guidance, o.shift, o.solver, o.seed,
-                             o.guidance_rescale, motion)
+                             o.guidance_rescale, motion, o.cache)
     ref = load_image(o.image, req.height, req.width)
     maps, used = pipe.motion_maps(ref, req)  # the motion given, or the one the seed draws
-    summary = [f"{req.solver}, guidance {req.guidance} rescaled {req.guidance_rescale}, seed {req.seed}"]
+    summary = [f"{req.solver}, guidance {req.guidance} rescaled {req.guidance_rescale}, seed {req.seed}"
+               f"{cache_note(req)}"]
     if pipe.takes_motion:
         summary.append(f"motion: {used.describe()}" + (" (drawn from the seed)" if motion is None else ""))
     timings = _timings(True, "reference", "reference")

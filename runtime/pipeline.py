@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from runtime.backends import open_backend
+from runtime.cache import StepCache
 from runtime.errors import NonFiniteError, WanError
 from runtime.manifest import Manifest, load_manifest
 from runtime.request import whole
@@ -46,6 +47,12 @@ class Timings:
     total: float = 0.0
     encode_label: str = "encode (reference)"
     experts: list[str] = field(default_factory=list)
+    reused: list[int] = field(default_factory=list)  # --cache: the steps that reused a velocity
+
+    @property
+    def dit_calls(self) -> int:
+        """DiT calls made (a step the cache served made none)."""
+        return len(self.dit) - len(self.reused)
 
     def table(self) -> str:
         def mean(xs):
@@ -58,7 +65,10 @@ class Timings:
                 steps = [s for s, e in zip(self.dit, self.experts) if e == name]
                 rows.append((f"  {name} per step (x{len(steps)})", mean(steps)))
         rows += [("DiT all steps", sum(self.dit)), ("decode", self.decode), ("total", self.total)]
-        return "\n".join(f"{name:<26}{sec * 1000:>10.1f} ms" for name, sec in rows)
+        lines = [f"{name:<26}{sec * 1000:>10.1f} ms" for name, sec in rows]
+        if self.reused:
+            lines.append(f"step cache: {self.dit_calls} DiT calls for {len(self.dit)} steps")
+        return "\n".join(lines)
 
 
 @dataclass
@@ -233,6 +243,17 @@ class Pipeline:
             consumer += time.perf_counter() - handed
         timings.decode = time.perf_counter() - t0 - consumer
         timings.total = time.perf_counter() - t_start - consumer
+
+    def cached(self, velocity: Callable, req, timings: Timings | None,
+               group_of: Callable[[int], str] = lambda i: "dit") -> Callable:
+        """`velocity` behind the request's step cache (--cache; runtime/cache.py), the steps it
+        serves listed in `timings.reused`; `group_of(i)`: the expert of step i (its own state)."""
+        if req.cache is None:
+            return velocity
+        cache = StepCache(req.cache, req.steps, self.xp)
+        if timings is not None:
+            timings.reused = cache.reused
+        return cache.wrap(velocity, group_of)
 
     @staticmethod
     def recorder(timings: Timings, on_step: Callable[[int, float], None] | None) -> Callable[[int, float], None]:

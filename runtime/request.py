@@ -43,6 +43,7 @@ class Request:
     solver: str
     seed: int
     motion: object | None  # runtime.motion.Motion; None: a random motion drawn from the seed
+    cache: object | None = None  # runtime.cache.CacheSetting; None: every step runs the DiT
 
 
 def _show(value) -> str:

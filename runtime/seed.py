@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from runtime.cache import parse_cache
 from runtime.errors import WanError
 from runtime.motion import Motion, identity_maps, image_motion_maps
 from runtime.pipeline import Generation, Pipeline, Timings, to_unit
@@ -33,7 +34,7 @@ class SeedPipeline(Pipeline):
 
     def check_request(self, frames=None, height=None, width=None, steps=None, guidance=None,
                       shift=None, solver=None, seed=0, guidance_rescale=None,
-                      motion: Motion | None = None) -> Request:
+                      motion: Motion | None = None, cache=None) -> Request:
         """Fill defaults from the manifest and check every value against what the graphs allow
         (and `motion` against what the model was trained on)."""
         sampler = self.manifest.sampler
@@ -55,7 +56,7 @@ class SeedPipeline(Pipeline):
                                "re-export them to give a motion")
             motion.check()
         return Request(frames, height, width, steps, guidance, guidance_rescale, shift, solver, seed,
-                       motion)
+                       motion, parse_cache(cache))
 
     # -- stages ---------------------------------------------------------------------------
 
@@ -106,7 +107,8 @@ class SeedPipeline(Pipeline):
         return v_guided if rescale == 0.0 else rescale_frames(v_guided, v[:1], x, sigma, rescale)
 
     def denoise(self, ref_latent: np.ndarray, maps: np.ndarray, noise: np.ndarray, req: Request,
-                on_step: Callable[[int, float], None] | None = None) -> np.ndarray:
+                on_step: Callable[[int, float], None] | None = None,
+                timings: Timings | None = None) -> np.ndarray:
         """Integrate the flow from noise (sigma 1) to a clean latent (sigma 0), with latent
         frame 0 the clean reference latent throughout (`with_reference_frame`); `maps` from
         `motion_maps`."""
@@ -117,7 +119,8 @@ class SeedPipeline(Pipeline):
         def velocity(x, i):
             return self.velocity(x, float(schedule.sigmas[i]), condition, req.guidance, req.guidance_rescale)
 
-        return self.sample(with_reference_frame(noise, ref_latent), schedule, solver, velocity,
+        return self.sample(with_reference_frame(noise, ref_latent), schedule, solver,
+                           self.cached(velocity, req, timings),
                            lambda x: with_reference_frame(x, ref_latent), on_step,
                            f"with guidance {req.guidance:g} and shift {req.shift:g}")
 
@@ -126,13 +129,13 @@ class SeedPipeline(Pipeline):
     def generate(self, image: np.ndarray | str | Path, frames=None, height=None, width=None,
                  steps=None, guidance=None, shift=None, solver=None, seed=0,
                  guidance_rescale=None, motion: Motion | None = None, noise: np.ndarray | None = None,
-                 on_step: Callable[[int, float], None] | None = None) -> Generation:
+                 on_step: Callable[[int, float], None] | None = None, cache: str | None = None) -> Generation:
         """image: uint8 (H, W, 3) at the requested size, or an image file (resized and
         centre-cropped to it). `motion`: where the subject goes (None: drawn from the seed;
         `Motion()`: it stays in place). `noise` overrides the seeded initial latent (for
-        parity tests)."""
+        parity tests). `cache`: a step cache, e.g. "magcache:0.1" (runtime/cache.py)."""
         req = self.check_request(frames, height, width, steps, guidance, shift, solver, seed,
-                                 guidance_rescale, motion)
+                                 guidance_rescale, motion, cache)
         if isinstance(image, (str, Path)):
             from runtime.media import load_image
 
@@ -160,5 +163,5 @@ class SeedPipeline(Pipeline):
         timings.encode = time.perf_counter() - t_start
         noise = self.noise(req) if noise is None else self.backend.to_device(noise)
         maps = self.motion_maps(image, req)[0] if maps is None else maps
-        latent = self.denoise(ref_latent, maps, noise, req, self.recorder(timings, on_step))
+        latent = self.denoise(ref_latent, maps, noise, req, self.recorder(timings, on_step), timings)
         yield from self.frames_out(latent, timings, t_start)

@@ -31,6 +31,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from runtime.cache import parse_cache
 from runtime.clip import clip_pixels
 from runtime.errors import WanError
 from runtime.manifest import listed_file
@@ -58,6 +59,7 @@ class WanRequest:
     scheduler: str | None = None  # None: the checkpoint's; "unipc" or "euler" to swap it
     guidance_2: float | None = None  # A14B: the low-noise expert's guidance
     has_last_image: bool = False
+    cache: object | None = None  # runtime.cache.CacheSetting; None: every step runs the DiT
 
     @property
     def cfg(self) -> bool:
@@ -116,7 +118,7 @@ class WanPipeline(Pipeline):
 
     def check_request(self, prompt=None, negative_prompt=None, image=None, frames=None, height=None,
                       width=None, steps=None, guidance=None, shift=None, seed=0, scheduler=None,
-                      guidance_2=None, last_image=None) -> WanRequest:
+                      guidance_2=None, last_image=None, cache=None) -> WanRequest:
         """Fill defaults from the manifest and check every value; `image` and `last_image` only
         say whether one is given (they are read after the check)."""
         sampler = self.manifest.sampler
@@ -157,7 +159,7 @@ class WanPipeline(Pipeline):
         negative = self.manifest.family_config.get("negative_prompt", "") if negative_prompt is None \
             else negative_prompt
         return WanRequest(prompt, negative, frames, height, width, steps, guidance, shift, seed,
-                          image is not None, scheduler, guidance_2, last_image is not None)
+                          image is not None, scheduler, guidance_2, last_image is not None, parse_cache(cache))
 
     # -- stages ---------------------------------------------------------------------------
 
@@ -321,7 +323,8 @@ class WanPipeline(Pipeline):
                                     **extra)["velocity"]
             return v if batch == 1 else guided(v[:1], v[1:], guidance[expert])
 
-        latent = self.sample(noise, schedule, scheduler, velocity, None, on_step,
+        latent = self.sample(noise, schedule, scheduler, self.cached(velocity, req, timings, plan.__getitem__),
+                             None, on_step,
                              f"with guidance {req.guidance:g} and shift {req.shift:g}")
         self.release(*self.experts)  # the decoder needs the room more
         return model_input(latent)
@@ -331,14 +334,15 @@ class WanPipeline(Pipeline):
     def generate(self, prompt=None, negative_prompt=None, image=None, frames=None, height=None, width=None,
                  steps=None, guidance=None, shift=None, seed=0, scheduler=None, noise=None,
                  on_step: Callable[[int, float], None] | None = None, guidance_2=None,
-                 last_image=None) -> Generation:
+                 last_image=None, cache=None) -> Generation:
         """`image`: the first frame, a path or a uint8 (H, W, 3) array (resized to the video
         size; image-to-video models need one, TI2V-5B takes one); `last_image`: the last frame
         (Wan2.2 I2V-A14B). `guidance_2`: A14B's low-noise expert's guidance (default: the
         manifest's). `scheduler`: "unipc" or "euler" instead of the checkpoint's. `noise`: the
-        initial latent (1, z, F, h, w) float32, diffusers' `latents=`."""
+        initial latent (1, z, F, h, w) float32, diffusers' `latents=`. `cache`: a step cache,
+        e.g. "magcache:0.1" (runtime/cache.py; each A14B expert keeps its own)."""
         req = self.check_request(prompt, negative_prompt, image, frames, height, width, steps, guidance,
-                                 shift, seed, scheduler, guidance_2, last_image)
+                                 shift, seed, scheduler, guidance_2, last_image, cache)
         pixels = self.load_image(image) if image is not None else None
         last = self.load_image(last_image, what="last image") if last_image is not None else None
         if noise is not None:
