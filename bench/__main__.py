@@ -1,10 +1,16 @@
-"""`python -m bench --preset small --out DIR`: the runtime against PyTorch and the hardware limit.
+"""`python -m bench --out DIR [--part small|wan]`: the runtime against PyTorch, diffusers and the
+hardware limit.
 
 Writes DIR/results.json (a list of records: stage, impl, median_ms, p90_ms, runs, shapes, and
 achieved GFLOP/s against the matmul peak measured in the same run), DIR/results.md and
 DIR/results.png. All implementations run on the same inputs in this process, back to back,
-with warm-up calls before the timed runs. Stages: the reference encode (1 frame), one DiT step
-(batch 2: CFG), the whole-clip decode, the streaming decode, and the whole pipeline.
+with warm-up calls before the timed runs. Two parts:
+
+    small   the project's model (--preset): the reference encode (1 frame), one DiT step (batch
+            2: CFG), the whole-clip decode, the streaming decode, the whole pipeline, step
+            caching (bench/step_cache.py) and decode memory
+    wan     a Wan2.1-1.3B-shaped model with 2 of its 30 layers against diffusers
+            (bench/wan_width.py): the DiT step, the --text-kv context and end to end
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ import click
 import numpy as np
 import torch
 
+from bench import wan_width
 from bench.measure import decode_peak_rss_mb, flops, matmul_peak_gflops, timed
+from bench.step_cache import cache_table, cache_records
 from export.calibration import reference_image
 from export.config import get_preset
 from export.dit import WanDiT
@@ -45,10 +53,8 @@ def stage_inputs(pipe: Pipeline, cfg) -> dict[str, dict[str, np.ndarray]]:
     }
 
 
-def run(cfg, out: Path, artifacts: Path, runs: int, compile_: bool, rss_frames: tuple[int, ...]) -> list[dict]:
+def run(cfg, artifacts: Path, runs: int, compile_: bool, rss_frames: tuple[int, ...], peak: float) -> list[dict]:
     records: list[dict] = []
-    peak = matmul_peak_gflops()
-    log.info("matmul peak: %.0f GFLOP/s", peak)
     vae, dit = build_models(cfg)
     modules = {"vae_encoder": VAEEncoderStage(vae), "dit": dit, "vae_decoder": VAEDecoderStage(vae)}
     pipes = {p: Pipeline.from_dir(artifacts, precision=p) for p in Pipeline.from_dir(artifacts).manifest.precisions()}
@@ -107,6 +113,11 @@ def run(cfg, out: Path, artifacts: Path, runs: int, compile_: bool, rss_frames: 
     record("end_to_end", "torch-eager", timed(torch_e2e, runs=runs), shapes=e2e_shape)
     for p, pipe in pipes.items():
         record("end_to_end", f"ort-{p}", timed(lambda: pipe(image, noise=noise), runs=runs), shapes=e2e_shape)
+    # step caching: quality against the uncached video over four references (seeds 10..13)
+    requests = [{"image": reference_image(10 + i, v.height, v.width), "seed": i} for i in range(4)]
+    for r in cache_records(pipes["fp32"].generate, requests, runs, model=cfg.name, shapes=e2e_shape):
+        if r["cache"] != "off":  # the uncached row is ort-fp32's above
+            records.append(r)
 
     # decode peak memory as the clip grows (fresh process per measurement)
     for frames in rss_frames:
@@ -183,7 +194,7 @@ def speedups(records: list[dict]) -> list[tuple[str, float | None, float, bool]]
     reference, and streaming decode peak memory for the longest clip vs the shortest."""
     def ms(stage, impl):
         return next((r["median_ms"] for r in records if r["stage"] == stage and r["impl"] == impl
-                     and "scaling" not in r and r.get("median_ms")), None)
+                     and "scaling" not in r and not is_wan(r) and r.get("median_ms")), None)
 
     def ratio(a, b):
         return a / b if a and b else None
@@ -201,40 +212,87 @@ def speedups(records: list[dict]) -> list[tuple[str, float | None, float, bool]]
     ]
 
 
-def write_report(records: list[dict], out: Path, cfg) -> None:
-    (out / "results.json").write_text(json.dumps(records, indent=1) + "\n")
-    peak = next(r["peak_gflops"] for r in records if "peak_gflops" in r)
-    lines = [f"# wan-export benchmark: preset `{cfg.name}`", "",
-             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-             f"{torch.get_num_threads()} torch threads; fp32 matmul peak {peak:.0f} GFLOP/s "
-             "(torch, measured in this run).", "",
-             "| goal | measured | target | met |", "|---|---:|---:|---|"]
-    for what, got, goal, more_is_better in speedups(records):
+def is_wan(r: dict) -> bool:
+    return r.get("model") == wan_width.MODEL or r.get("impl") in ("analytic-30-layers", "projection")
+
+
+def goal_rows(goals) -> list[str]:
+    lines = ["| goal | measured | target | met |", "|---|---:|---:|---|"]
+    for what, got, goal, more_is_better in goals:
         met = got is not None and (got >= goal if more_is_better else got <= goal)
-        lines.append(f"| {what} | {'n/a' if got is None else f'{got:.2f}x'} | {goal:g}x | {'yes' if met else 'no'} |")
-    lines += ["",
-             "| stage | impl | median ms | p90 ms | GFLOP | GFLOP/s | % of peak |", "|---|---|---:|---:|---:|---:|---:|"]
+        unit = "" if "dB" in what else ("" if "share" in what else "x")
+        shown = "n/a" if got is None else (f"{got:.0%}" if "share" in what else f"{got:.2f}{unit}")
+        target = f"{goal:.0%}" if "share" in what else f"{goal:g}{unit}"
+        lines.append(f"| {what} | {shown} | {target} | {'yes' if met else 'no'} |")
+    return lines
+
+
+def timing_rows(records: list[dict], peak: float) -> list[str]:
+    lines = ["| stage | impl | median ms | p90 ms | GFLOP | GFLOP/s | % of peak |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in records:
-        if r.get("median_ms") is not None and "scaling" not in r and "peak_rss_mb" not in r:
+        if r.get("median_ms") is not None and "scaling" not in r and "peak_rss_mb" not in r and "cache" not in r:
             g = r.get("gflop")
             lines.append(f"| {r['stage']} | {r['impl']} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | "
                          + (f"{g:.2f} | {r['achieved_gflops']:.0f} | {100 * r['achieved_gflops'] / peak:.0f}% |"
                             if g else "| | |"))
         elif r.get("error"):
             lines.append(f"| {r['stage']} | {r['impl']} | failed: {r['error']} | | | | |")
-    lines += ["", "Decode peak RSS (fresh process; 'decoding' = above the peak after loading):", "",
-              "| frames | impl | peak RSS MB | decoding MB |", "|---:|---|---:|---:|"]
-    lines += [f"| {r['frames']} | {r['impl']} | {r['peak_rss_mb']:.0f} | {r['decode_rss_mb']:.0f} |"
-              for r in records if "peak_rss_mb" in r]
-    lines += ["", "DiT step scaling (batch 2):", "", "| model | attention | frames | size | tokens | GFLOP | ms |",
-              "|---|---|---:|---|---:|---:|---:|"]
-    for r in records:
-        if "scaling" in r:
-            ms = f"{r['median_ms']:.1f}" if r["median_ms"] is not None else "analytic"
-            lines.append(f"| {r.get('model', cfg.name)} | {r['scaling']} | {r['frames']} | "
-                         f"{r['width']}x{r['height']} | {r['tokens']} | {r['gflop']:.1f} | {ms} |")
+    return lines
+
+
+def write_report(records: list[dict], out: Path, cfg) -> None:
+    (out / "results.json").write_text(json.dumps(records, indent=1) + "\n")
+    peak = next(r["peak_gflops"] for r in records if "peak_gflops" in r)
+    small = [r for r in records if not is_wan(r)]
+    wan = [r for r in records if is_wan(r)]
+    lines = [f"# wan-export benchmark{f': preset `{cfg.name}`' if small else ''}", "",
+             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+             f"{torch.get_num_threads()} torch threads; fp32 matmul peak {peak:.0f} GFLOP/s "
+             "(torch, measured in this run).", ""]
+    if small:
+        lines += goal_rows(speedups(small)) + [""] + timing_rows(small, peak) + cache_table(small)
+        lines += ["", "Decode peak RSS (fresh process; 'decoding' = above the peak after loading):", "",
+                  "| frames | impl | peak RSS MB | decoding MB |", "|---:|---|---:|---:|"]
+        lines += [f"| {r['frames']} | {r['impl']} | {r['peak_rss_mb']:.0f} | {r['decode_rss_mb']:.0f} |"
+                  for r in small if "peak_rss_mb" in r]
+        lines += ["", "DiT step scaling (batch 2):", "", "| model | attention | frames | size | tokens | GFLOP | ms |",
+                  "|---|---|---:|---|---:|---:|---:|"]
+        for r in small:
+            if "scaling" in r:
+                ms = f"{r['median_ms']:.1f}" if r["median_ms"] is not None else "analytic"
+                lines.append(f"| {r.get('model', cfg.name)} | {r['scaling']} | {r['frames']} | "
+                             f"{r['width']}x{r['height']} | {r['tokens']} | {r['gflop']:.1f} | {ms} |")
+    if wan:
+        v = wan_width.VIDEO
+        lines += ["", f"## {wan_width.MODEL}: {v['frames']}x{v['height']}x{v['width']}, {wan_width.STEPS} steps, "
+                  "CFG", ""] + goal_rows(wan_width.goals(wan)) + [""] + timing_rows(wan, peak)
+        lines += [f"| end_to_end | {r['impl']} | PSNR vs diffusers {r['psnr_vs_diffusers_db']:.1f} dB"
+                  + (f", vs fp32 {r['psnr_vs_fp32_db']:.1f} dB" if "psnr_vs_fp32_db" in r else "") + " | | | | |"
+                  for r in wan if "psnr_vs_diffusers_db" in r]
+        lines += cache_table(wan)
+        lines += ["", "Where one DiT step's time goes (share of operator time):", ""]
+        lines += [f"- {r['impl']}: " + ", ".join(f"{k} {v:.0%}" for k, v in r["profile"].items())
+                  for r in wan if "profile" in r]
+        lines += [f"- {r['impl']} end to end: " + ", ".join(f"{k} {v:.0f} ms" for k, v in r["breakdown_ms"].items())
+                  for r in wan if "breakdown_ms" in r]
+        a = next((r for r in wan if r["impl"] == "analytic-30-layers"), None)
+        if a:
+            lines += ["", f"FLOPs per step (batch 2): one layer {a['per_layer_gflop']:.1f} GFLOP, shared "
+                      f"{a['shared_gflop']:.1f}, the --text-kv context {a['context_gflop']:.1f}; at 30 layers "
+                      f"{a['step_30_layers_gflop']:.0f} GFLOP a step, {a['context_30_layers_gflop']:.0f} of it "
+                      "the context."]
+        proj = [r for r in wan if r["impl"] == "projection"]
+        if proj:
+            lines += ["", "Projection for the released models (FLOPs of one step, CFG, counted through diffusers' "
+                      "class on the meta device; time at the H100/H200 dense peak, i.e. 100% utilization):", "",
+                      "| model | video | tokens | TFLOP / step | attention share | ms at bf16 989 TFLOP/s | "
+                      "ms at fp8 1979 TFLOP/s |", "|---|---|---:|---:|---:|---:|---:|"]
+            lines += [f"| {r['model']} | {r['frames']}x{r['height']}x{r['width']} ({r['resolution']}) | {r['tokens']} | "
+                      f"{r['step_tflop']:.0f} | {r['attention_share']:.0%} | {r['bf16_peak_ms']:.0f} | "
+                      f"{r['fp8_peak_ms']:.0f} |" for r in proj]
     (out / "results.md").write_text("\n".join(lines) + "\n")
-    plot(records, out / "results.png")
+    if small:
+        plot(small, out / "results.png")
 
 
 def plot(records: list[dict], path: Path) -> None:
@@ -264,31 +322,59 @@ def plot(records: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-@click.command()
-@click.option("--preset", default="small", show_default=True)
-@click.option("--out", required=True, type=click.Path(path_type=Path))
+HELP = """Time every stage in PyTorch / diffusers and in the runtime; write results.json/.md(/.png).
+
+\b
+Parts (--part; default: all, about 25 minutes on a 2-core CPU):
+  small  the project's model (--preset), its fp32/fp16/int8 artifacts built first unless
+         --artifacts is given: about 8 minutes (tiny: 2)
+  wan    a Wan2.1-1.3B-shaped transformer (2 of 30 layers, random weights) against diffusers:
+         builds it plain and with --text-kv at fp32 + int8, then times the DiT step, the
+         context graph and end to end (6 steps, 17x128x128); about 15 minutes, 3 GB RAM,
+         a progress bar on stderr
+"""
+
+
+@click.command(help=HELP)
+@click.option("--part", type=click.Choice(["all", "small", "wan"]), default="all", show_default=True,
+              help="Which part to run (see above).")
+@click.option("--preset", default="small", show_default=True, help="The small part's preset.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for results.json/.md/.png.")
 @click.option("--artifacts", type=click.Path(path_type=Path),
-              help="An artifact directory of the preset (default: built into a temporary folder "
-                   "with fp32, fp16 and int8).")
+              help="The small part: an artifact directory of the preset (default: built into a temporary "
+                   "folder with fp32, fp16 and int8).")
 @click.option("--runs", default=5, show_default=True, help="Timed runs per measurement (after warm-up).")
+@click.option("--wan-runs", default=3, show_default=True, help="Timed runs per measurement in the wan part.")
 @click.option("--compile/--no-compile", "compile_", default=True, show_default=True,
               help="Also time torch.compile (inductor needs a C++ compiler).")
 @click.option("--rss-frames", default="17,33,65", show_default=True, help="Clip lengths for decode memory.")
-def main(preset, out, artifacts, runs, compile_, rss_frames):
-    """Time every stage in PyTorch and in the runtime, and write results.json/.md/.png."""
+def main(part, preset, out, artifacts, runs, wan_runs, compile_, rss_frames):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = get_preset(preset)
     out.mkdir(parents=True, exist_ok=True)
     frames = tuple(int(f) for f in rss_frames.split(","))
-    with tempfile.TemporaryDirectory() as tmp:
-        if artifacts is None:
-            from export.build import build_artifacts
+    peak = matmul_peak_gflops()
+    log.info("matmul peak: %.0f GFLOP/s", peak)
+    records: list[dict] = []
+    if part in ("all", "small"):
+        with tempfile.TemporaryDirectory() as tmp:
+            if artifacts is None:
+                from export.build import build_artifacts
 
-            artifacts = Path(tmp) / preset
-            build_artifacts(cfg, artifacts, precisions=("fp32", "fp16", "int8"))
-        records = run(cfg, out, artifacts, runs, compile_, frames)
+                artifacts = Path(tmp) / preset
+                build_artifacts(cfg, artifacts, precisions=("fp32", "fp16", "int8"))
+            records += run(cfg, artifacts, runs, compile_, frames, peak)
+    if part in ("all", "wan"):
+        from tqdm import tqdm
+
+        with tqdm(total=8, desc="wan part", unit="phase") as bar:
+            def progress(done: str) -> None:
+                bar.set_postfix_str(done)
+                bar.update(1)
+
+            records += wan_width.run(wan_runs, compile_, peak, progress)
     write_report(records, out, cfg)
-    click.echo(f"wrote {out / 'results.json'}, results.md, results.png")
+    click.echo(f"wrote {out / 'results.json'}, results.md" + (", results.png" if part != "wan" else ""))
 
 
 if __name__ == "__main__":

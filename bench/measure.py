@@ -6,8 +6,10 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -27,13 +29,48 @@ def timed(fn: Callable[[], object], warmup: int = 1, runs: int = 5) -> dict:
             "runs": runs}
 
 
-def matmul_peak_gflops(n: int = 2048, runs: int = 5) -> float:
-    """fp32 matmul throughput through torch: the practical compute ceiling of this machine."""
+def matmul_peak_gflops(sizes: tuple[int, ...] = (1024, 2048, 3072), runs: int = 5) -> float:
+    """fp32 matmul throughput through torch: the practical compute ceiling of this machine, the
+    best run over a few square sizes (a shared machine's median is its neighbours' load, not the
+    ceiling: a 2048-only median read 85-311 GFLOP/s on this host, below what the DiT reached)."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    t = timed(lambda: a @ b, warmup=2, runs=runs)
-    return 2 * n**3 / (t["median_ms"] / 1000) / 1e9
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        for _ in range(2):  # warm-up
+            a @ b
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            a @ b
+            best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def ort_op_profile(path, feeds: dict, runs: int = 3) -> dict[str, float]:
+    """Share of the kernel time each ONNX operator type takes in the graph at `path`, from ONNX
+    Runtime's own profiler over `runs` runs (the first, warming up, included: shares barely
+    move with it), largest first."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 4
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(Path(tempfile.gettempdir()) / "wan-bench-profile")
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        session.run(None, feeds)
+    trace = Path(session.end_profiling())
+    events = json.loads(trace.read_text())
+    trace.unlink()
+    per_op: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            op = e.get("args", {}).get("op_name", "?")
+            per_op[op] = per_op.get(op, 0.0) + e["dur"]
+    total = sum(per_op.values()) or 1.0
+    return dict(sorted(((k, v / total) for k, v in per_op.items()), key=lambda kv: -kv[1]))
 
 
 def flops(module, *args) -> float:

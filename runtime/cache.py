@@ -32,7 +32,7 @@ from typing import Callable
 from runtime.errors import WanError
 
 # The threshold each method takes when none is given: the measured knee on `small` (docs/step-caching.md).
-DEFAULT_THRESHOLDS = {"teacache": 0.2, "magcache": 0.1}
+DEFAULT_THRESHOLDS = {"teacache": 0.2, "magcache": 0.05}
 MAX_THRESHOLD = 10.0
 
 

@@ -93,7 +93,7 @@ place. Distances are fractions of the frame's shorter side, x to the right and y
 @click.option("--fps", type=int, help="Frames per second of the written video (1-120; GIF 1-50).")
 @click.option("--cache", metavar="METHOD[:THRESHOLD]", help="Step caching (off by default): reuse the last DiT "
               "call's velocity while the steps barely change. teacache (default threshold 0.2: the "
-              "accumulated relative change of the input latent) or magcache (0.1: the predicted drift of the "
+              "accumulated relative change of the input latent) or magcache (0.05: the predicted drift of the "
               "velocity's magnitude); a higher threshold skips more. Each A14B expert caches on its own.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]),
               help="Which built precision of the graphs to run (default: fp32).")

@@ -8,7 +8,7 @@ import sys
 
 
 def test_bench_smoke(tiny_dir, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "bench", "--preset", "tiny", "--out", tmp_path,
+    r = subprocess.run([sys.executable, "-m", "bench", "--part", "small", "--preset", "tiny", "--out", tmp_path,
                         "--artifacts", tiny_dir, "--runs", "1", "--no-compile", "--rss-frames", "5,9"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]

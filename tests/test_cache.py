@@ -131,7 +131,8 @@ def test_seed_pipeline_cache(tiny_dir, reference_image):
 def test_a14b_cache_per_expert(wan_artifacts):
     pipe = Pipeline.from_dir(wan_artifacts("a14b"))
     counts = count_dit_calls(pipe)
-    result = pipe.generate(prompt="a fox", steps=10, guidance=4.0, guidance_2=3.0, seed=1, cache="magcache:10")
+    result = pipe.generate(prompt="a fox", frames=9, height=32, width=32, steps=10, guidance=4.0, guidance_2=3.0,
+                           seed=1, cache="magcache:10")
     t = result.timings
     plan = t.experts
     switch = plan.index("dit_2")
@@ -140,3 +141,18 @@ def test_a14b_cache_per_expert(wan_artifacts):
     assert switch not in t.reused and 0 not in t.reused
     assert counts["dit"] + counts["dit_2"] == t.dit_calls < 10
     assert counts["dit"] == sum(1 for i in range(switch) if i not in t.reused)
+
+
+def test_wan_run_cache_flag(tiny_dir, tmp_path):
+    from PIL import Image
+
+    from tests.conftest import run_cli
+
+    image = tmp_path / "ref.png"
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(image)
+    r = run_cli("wan-run", tiny_dir, "--image", image, "--steps", 10, "--cache", "teacache:10", "-o", tmp_path / "a.gif")
+    assert r.returncode == 0, r.stderr
+    assert "cache teacache:10" in r.stdout and "step cache: 5 DiT calls for 10 steps" in r.stdout
+    r = run_cli("wan-run", tiny_dir, "--image", image, "--cache", "magcache:0", "-o", tmp_path / "b.gif")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "cache 'magcache:0'" in r.stderr
+    assert not (tmp_path / "b.gif").exists()

@@ -177,10 +177,11 @@ def test_health_ready_and_metrics(server):
 def test_remote_video_is_the_local_one(server, local_pipe, ref_png):
     steps = []
     for opts in (Options(image=str(ref_png), steps=STEPS, seed=3),
-                 Options(image=str(ref_png), steps=STEPS, frames=5, move="0.2,0.1", turn=20.0, guidance=3.0)):
+                 Options(image=str(ref_png), steps=STEPS, frames=5, move="0.2,0.1", turn=20.0, guidance=3.0),
+                 Options(image=str(ref_png), steps=STEPS, seed=3, cache="teacache:10")):
         remote = remote_frames(server.grpc_url, opts, on_step=lambda i, s: steps.append(i))
         np.testing.assert_array_equal(remote, local_frames(local_pipe, opts))  # identical, not close
-    assert steps == [*range(STEPS)] * 2  # one progress event per step
+    assert steps == [*range(STEPS)] * 3  # one progress event per step, reused steps too
 
 
 def test_wan_run_server_cli(server, tiny_dir, ref_png, tmp_path):
@@ -213,6 +214,7 @@ BAD_REQUESTS = {
     "turn": dict(turn=120.0), "zoom": dict(zoom=3.0), "bend without move": dict(bend=0.1),
     "still and a move": dict(still=True, move="0.2,0"), "a prompt": dict(prompt="a fox"),
     "a scheduler": dict(scheduler="unipc"), "no image": dict(image=None), "string frames": dict(frames="9"),
+    "bad cache": dict(cache="teacache:0"),
 }
 
 

@@ -108,12 +108,13 @@ def symbol_ranges(ckpt: WanCheckpoint, video: dict) -> dict[str, SymbolRange]:
 def build_wan_artifacts(model_dir: str | Path, out: str | Path, force: bool = False,
                         opset: int = DEFAULT_OPSET, precisions: tuple[str, ...] = ("fp32",),
                         engines: EngineOptions | None = None, reuse: str | Path | None = None,
-                        text_kv: bool = False) -> Manifest:
+                        text_kv: bool = False, calibration: "WanCalibration | None" = None) -> Manifest:
     """Export a diffusers-layout Wan folder's stages to the artifact directory `out`. `reuse`:
     an artifact directory whose fp32 stages are copied where they came from the same weights,
     code, tools and shape ranges (releases share the VAE and the text encoder). `text_kv`: each
     expert's cross-attention K/V in a context graph run once per video (`dit_context`), the step
-    graph taking them."""
+    graph taking them. `calibration`: the runs int8 is calibrated and fp16/int8 measured on
+    (default: `WanCalibration.for_manifest`, the default video capped at 17x256x256, 20 steps)."""
     ckpt = read_checkpoint(model_dir)  # everything checked before anything is loaded
     previous = reusable(reuse) if reuse is not None else None
     unknown = [p for p in precisions if p not in PRECISIONS]
@@ -155,7 +156,7 @@ def build_wan_artifacts(model_dir: str | Path, out: str | Path, force: bool = Fa
             # The runtime reads only listed files (the tokenizer); the writer lists and hashes
             # them at commit, so the build's own pipelines get the staged names listed now.
             manifest = dataclasses.replace(manifest, files={TOKENIZER: {"sha256": "", "size": 0}})
-            calib = WanCalibration.for_manifest(manifest)
+            calib = calibration or WanCalibration.for_manifest(manifest)
             samples = capture(manifest, writer.staging, calib, calib.seeds)
             manifest = dataclasses.replace(manifest, calibration={
                 **calib.to_dict(), "dit_calls": len(samples["dit"]),
