@@ -84,6 +84,37 @@ def test_text_kv_stages(wan_artifacts):
     assert "dit_context" not in load_manifest(wan_artifacts("wan2.1-i2v")).stages
 
 
+def test_text_kv_precisions_engines_low_memory(wan_artifacts):
+    """--text-kv at fp16 (the context graphs converted too) and int8 (the context kept fp32, as
+    the cross-attentions are), with TensorRT engines for every stage; --low-memory runs each
+    expert's context once, at the expert's first step, and holds one expert's at a time."""
+    from runtime.backends import OnDemandStage
+    from tests.conftest import HAVE_TRT_BUILDER
+    from tests.test_cache import count_dit_calls
+
+    art = wan_artifacts("a14b+kv")
+    m = load_manifest(art)
+    assert m.precisions() == ["fp32", "fp16", "int8"]
+    assert m.quality["fp16"]["psnr_db"] >= 40 and m.quality["int8"]["psnr_db"] >= 30
+    for context in ("dit_context", "dit_2_context"):
+        assert m.stages[context].artifacts["fp16"].path == f"onnx/fp16/{context}.onnx"
+        assert m.stages[context].artifacts["int8"].details["kept"] == "fp32"
+        if HAVE_TRT_BUILDER:
+            assert all(a.engine is not None and a.engine["path"] in m.files
+                       for a in m.stages[context].artifacts.values())
+    kw = dict(prompt=PROMPT, frames=5, height=SIZE, width=SIZE, steps=4, guidance=5.0, guidance_2=3.0, seed=3)
+    want = Pipeline.from_dir(art).generate(**kw).frames
+    for precision, bar in (("fp16", 40.0), ("int8", 30.0)):
+        assert psnr(Pipeline.from_dir(art, precision=precision).generate(**kw).frames, want) >= bar
+    pipe = Pipeline.from_dir(art, low_memory=True)
+    lazy = {n for n, s in pipe.stages.items() if isinstance(s, OnDemandStage)}
+    assert {"dit_context", "dit_2_context", "dit", "dit_2"} <= lazy
+    calls = count_dit_calls(pipe, ("dit_context", "dit_2_context"))
+    np.testing.assert_array_equal(pipe.generate(**kw).frames, want)
+    assert calls == {"dit_context": 1, "dit_2_context": 1}  # once a video each
+    assert not any(pipe.stages[n].loaded for n in lazy)
+
+
 def test_the_switch_and_the_image_keys_matter(wan_artifacts, wan_folder):
     """The parity above could not hold by accident: with one expert for every step, or with the
     CLIP embeddings zeroed, the same comparison shows more than rounding (measured: 38.9 dB and
