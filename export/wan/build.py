@@ -28,6 +28,7 @@ from engines.artifacts import ArtifactWriter
 from engines.tensorrt import EngineOptions, resolve_flavour, symbol_profile
 from export.build import (FP16_EMULATION_NOTE, RANGE_SAMPLES, _every, build_engines, emulating_fp16, engine_tools,
                           export_checked, measurable, tool_versions)
+from export.kernels import CONTRIB_DOMAIN, onnx_runtime_translations
 from export.onnx_export import DEFAULT_OPSET
 from export.wan import known
 from export.wan import stages as wan_stages_module
@@ -35,7 +36,7 @@ from export.wan.checkpoint import (MAX_SEQUENCE_LENGTH, WanCheckpoint, load_imag
                                    load_transformer, load_vae, read_checkpoint)
 from export.wan.stages import (CLIPStage, ContextStage, DecoderFirstStage, DecoderStepStage, DiTStage,
                                EncoderChunkStage, ImageEncoderStage, KVDiTStage, TextEncoderStage, WanStages,
-                               decoder_cache_layout, encoder_cache_layout, wan_geometry)
+                               decoder_cache_layout, encoder_cache_layout, ort_attention, wan_geometry)
 from runtime.errors import WanError
 from runtime.backends import OnnxRuntimeBackend, available_providers
 from runtime.errors import NonFiniteError
@@ -206,11 +207,13 @@ def stage_sources(ckpt: WanCheckpoint, component_of: dict[str, str], symbols, op
     versions. Equal sources make equal graphs: what `--reuse` matches. (Every export records
     them, so each can be reused later; hashing reads the weights once more.)"""
     import export.build
+    import export.kernels
     import export.onnx_export
     import export.wan.checkpoint
     import runtime.stages
 
-    code = (wan_stages_module, export.wan.checkpoint, export.onnx_export, export.build, runtime.stages)
+    code = (wan_stages_module, export.wan.checkpoint, export.onnx_export, export.build, export.kernels,
+            runtime.stages)
     shared = {"code": {Path(m.__file__).name: sha256_file(Path(m.__file__)) for m in code},
               "pipeline": {"condition": ckpt.condition, "expand_timesteps": ckpt.expand_timesteps},
               "symbols": {k: [v.min, v.max] for k, v in symbols.items()}, "tools": tool_versions(opset),
@@ -234,6 +237,13 @@ def stage_sources(ckpt: WanCheckpoint, component_of: dict[str, str], symbols, op
 SOURCE_PACKAGES = ("diffusers", "transformers", "onnxscript", "onnx_ir")
 
 
+# The experts' step graphs get a second, ONNX Runtime-only graph with fused attention (the
+# portable one is what TensorRT builds and what fp16 runs); the context graphs have no attention.
+EXPERT_STAGES = ("dit", "dit_2")
+ORT_DIT = "onnx/{precision}/{name}.ort.onnx"
+ORT_DIT_OPS = [f"{CONTRIB_DOMAIN}.MultiHeadAttention"]
+
+
 def export_stages(ckpt: WanCheckpoint, writer: ArtifactWriter, symbols, opset: int, stage_names: list[str],
                   previous: tuple[Path, Manifest] | None = None, text_kv: bool = False):
     """Each component loaded in turn, its stages exported and checked, then freed; the largest
@@ -253,7 +263,16 @@ def export_stages(ckpt: WanCheckpoint, writer: ArtifactWriter, symbols, opset: i
         rel = f"onnx/fp32/{name}.onnx"
         label = f"[{next(count)}/{len(stage_names)}] {name}"
         check = export_checked(label, module.eval(), stage_specs[name], symbols, writer.path(rel), opset)
-        stages[name] = Stage(stage_specs[name], {"fp32": Artifact("fp32", rel, check, {"source": sources[name]})})
+        ort_graph = None
+        if name in EXPERT_STAGES:  # the step again with fused attention: what ONNX Runtime runs
+            torch._dynamo.reset()
+            ort_rel = ORT_DIT.format(precision="fp32", name=name)
+            with ort_attention():
+                ort_check = export_checked(f"{label} (ONNX Runtime kernels)", module, stage_specs[name], symbols,
+                                           writer.path(ort_rel), opset, onnx_runtime_translations())
+            ort_graph = {"path": ort_rel, "validation": ort_check, "ops": ORT_DIT_OPS}
+        stages[name] = Stage(stage_specs[name], {"fp32": Artifact("fp32", rel, check, {"source": sources[name]},
+                                                                  ort_graph=ort_graph)})
         torch._dynamo.reset()  # the exporter's traces of this module: not needed for the next one
         release_memory()
 
@@ -271,11 +290,13 @@ def export_stages(ckpt: WanCheckpoint, writer: ArtifactWriter, symbols, opset: i
                 missing.append(name)
                 continue
             art = stage.artifacts["fp32"]
-            for rel in (art.path, f"{art.path}.data"):
+            for rel in (p for graph in (art.path, *([art.ort_graph["path"]] if art.ort_graph else []))
+                        for p in (graph, f"{graph}.data")):
                 if (root / rel).exists():
                     shutil.copyfile(root / rel, writer.path(rel))
             stages[name] = Stage(stage.spec, {"fp32": Artifact(
-                "fp32", art.path, {**art.validation, "reused_from": str(root)}, {"source": sources[name]})})
+                "fp32", art.path, {**art.validation, "reused_from": str(root)}, {"source": sources[name]},
+                ort_graph=art.ort_graph)})
             log.info("[%d/%d] %s: copied from %s (same weights, code and tools)", next(count), len(stage_names),
                      name, root)
             if component_of[name] == "vae" and not latent:
@@ -443,7 +464,12 @@ def build_reduced(precision: str, manifest: Manifest, root: Path, samples: dict,
                                    FP16_ALWAYS_FP32)
         else:
             details = int8.quantize(root / fp32.path, root / rel, samples[name], INT8_FLOAT_LAYERS)
-        stage.artifacts[precision] = Artifact(precision, rel, {}, details)
+        ort_graph = None
+        if fp32.ort_graph is not None and precision == "int8":  # fp16 runs the portable graph
+            ort_rel = ORT_DIT.format(precision=precision, name=name)
+            int8.quantize(root / fp32.ort_graph["path"], root / ort_rel, samples[name], INT8_FLOAT_LAYERS)
+            ort_graph = {**fp32.ort_graph, "path": ort_rel, "validation": {}}
+        stage.artifacts[precision] = Artifact(precision, rel, {}, details, ort_graph=ort_graph)
     fp32_pipe = Pipeline.for_manifest(root, manifest, OnnxRuntimeBackend(root, manifest, "fp32"))
     reduced = [n for n in REDUCED_STAGES[precision] if n in manifest.stages]
     held = {n: _Recorder(fp32_pipe.stages[n]) for n in reduced}  # held-out stage inputs
@@ -474,17 +500,23 @@ def build_reduced(precision: str, manifest: Manifest, root: Path, samples: dict,
             each, ok, _ = holdout(alone)
             per_expert[name] = min(each) if ok and each else float("nan")
     metric = "max_abs / max|fp32|, held-out inputs"
+    portable = OnnxRuntimeBackend(root, manifest, precision, contrib_ops=False).stages  # what TensorRT builds
     for name, recorder in held.items():
-        err = quality.stage_error(recorder.stage, pipe.stages[name], _every(recorder.samples, 12))
+        inputs = _every(recorder.samples, 12)
+        err = quality.stage_error(recorder.stage, portable[name], inputs)
         art = manifest.stages[name].artifacts[precision]
-        manifest.stages[name].artifacts[precision] = dataclasses.replace(art, validation={**err, "metric": metric})
+        ort_graph = art.ort_graph and {**art.ort_graph, "validation": {
+            **quality.stage_error(recorder.stage, pipe.stages[name], inputs), "metric": metric}}
+        manifest.stages[name].artifacts[precision] = dataclasses.replace(
+            art, validation={**err, "metric": metric}, ort_graph=ort_graph)
     bar = quality.PSNR_BARS_DB[precision]
     psnr = min(scores) if scores else float("nan")
     record = {
         "psnr_db": psnr, "psnr_db_each": scores, "bar_db": bar, "finite": finite,
         **({"psnr_db_expert_alone": per_expert} if per_expert else {}),
         "vae": "fp32 (the VAE stays fp32 at every precision)",
-        "stage_max_rel": {n: manifest.stages[n].artifacts[precision].validation["max_rel"] for n in reduced},
+        "stage_max_rel": {n: (a.ort_graph or {"validation": a.validation})["validation"]["max_rel"]
+                          for n in reduced for a in (manifest.stages[n].artifacts[precision],)},
         "providers": available_providers(),
         **({"note": FP16_EMULATION_NOTE} if emulating_fp16(precision) else {}),
         "measured_on": {**{k: v for k, v in calib.request(0).items() if k not in ("prompt", "seed", "image")},

@@ -32,6 +32,7 @@ frames; its downsamplers' time convs keep one frame, skipped on the first chunk 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -192,6 +193,39 @@ class ContextStage(nn.Module):
         return context_kv(self.transformer, text, *image)
 
 
+def _transformer_module():
+    from diffusers.models.transformers import transformer_wan
+
+    return transformer_wan
+
+
+@contextmanager
+def ort_attention():
+    """While active, diffusers' Wan attention processors (and `CachedKVProcessor`) compute their
+    attention through export/kernels.py's `wan::attention` op, which exports as ONNX Runtime's
+    fused com.microsoft.MultiHeadAttention on (B, L, heads x dim) tokens: the DiT's ONNX Runtime
+    graph. Only the attention call is swapped (diffusers' projections, norms, RoPE and I2V
+    image branch stay its own); the portable export writes the same attention as MatMul /
+    Softmax with transposes around them, 20% of a Wan-width step on the CPU (docs/performance.md)."""
+    from export.kernels import ONNX_RUNTIME
+
+    module = _transformer_module()
+
+    def attend(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, **_):
+        # (B, L, H, Dh) each, as diffusers passes them; Wan's attention has no mask or dropout
+        assert attn_mask is None and dropout_p == 0.0 and not is_causal
+        heads = query.shape[2]
+        out = ONNX_RUNTIME.attention(query.flatten(2), key.flatten(2), value.flatten(2), heads)  # (B, L, H*Dh)
+        return out.unflatten(2, (heads, -1))  # (B, L, H, Dh)
+
+    original = module.dispatch_attention_fn
+    module.dispatch_attention_fn = attend
+    try:
+        yield
+    finally:
+        module.dispatch_attention_fn = original
+
+
 class CachedKVProcessor:
     """An attn2 processor that takes its keys and values from `kv` (set by KVDiTStage before each
     forward) instead of projecting the context: diffusers' WanAttnProcessor with its K/V
@@ -201,8 +235,7 @@ class CachedKVProcessor:
         self.kv: tuple[torch.Tensor, ...] = ()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-
+        dispatch_attention_fn = _transformer_module().dispatch_attention_fn  # (ort_attention may swap it)
         query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))  # (B, L, H, Dh)
         # each (B, S, dim) -> (B, S, H, Dh): k, v (+ k_img, v_img)
         key, value, *image = (t.unflatten(2, (attn.heads, -1)) for t in self.kv)
