@@ -325,13 +325,13 @@ def plot(records: list[dict], path: Path) -> None:
 HELP = """Time every stage in PyTorch / diffusers and in the runtime; write results.json/.md(/.png).
 
 \b
-Parts (--part; default: all, about 25 minutes on a 2-core CPU):
+Parts (--part; default: all):
   small  the project's model (--preset), its fp32/fp16/int8 artifacts built first unless
-         --artifacts is given: about 8 minutes (tiny: 2)
+         --artifacts is given; step caching on four references
   wan    a Wan2.1-1.3B-shaped transformer (2 of 30 layers, random weights) against diffusers:
-         builds it plain and with --text-kv at fp32 + int8, then times the DiT step, the
-         context graph and end to end (6 steps, 17x128x128); about 15 minutes, 3 GB RAM,
-         a progress bar on stderr
+         builds it plain and with --text-kv (both --fused-attention) at fp32 + int8, then
+         times the DiT step, the context graph and end to end (6 steps, 17x128x128), with
+         operator profiles; 8 to 10 minutes on 2 cores (measured), a progress bar on stderr
 """
 
 

@@ -39,16 +39,17 @@ def subject_agreement(video: np.ndarray, reference: np.ndarray) -> tuple[float, 
 
 
 def cache_records(generate: Callable, requests: list[dict], runs: int, settings=SETTINGS,
-                  scenes: bool = True, **record) -> list[dict]:
+                  scenes: bool = True, impl: str = "ort-fp32", **record) -> list[dict]:
     """`generate(cache=..., **request)` -> runtime Generation. Each setting's videos for every
     request against the uncached ones (quality), and the first request timed end to end with and
-    without it, back to back. `record`: fields every record carries (model, shapes)."""
+    without it, back to back. `impl`: what `generate` runs; `record`: fields every record
+    carries (model, shapes)."""
     from export.quality import psnr
 
     base = [generate(**r) for r in requests]
     steps = len(base[0].timings.dit)
     plain = timed(lambda: generate(**requests[0]), runs=runs)
-    out = [{"stage": "end_to_end", "impl": "ort-fp32", "cache": "off", **plain, "steps": steps,
+    out = [{"stage": "end_to_end", "impl": impl, "cache": "off", **plain, "steps": steps,
             "dit_calls": steps, **record}]
     for setting in settings:
         videos = [generate(cache=setting, **r) for r in requests]
@@ -58,7 +59,7 @@ def cache_records(generate: Callable, requests: list[dict], runs: int, settings=
             agree = [subject_agreement(v.frames, b.frames) for v, b in zip(videos, base)]
             quality.update(shape_iou=float(np.mean([a[0] for a in agree])),
                            colour_error=float(np.mean([a[1] for a in agree])))
-        out.append({"stage": "end_to_end", "impl": f"ort-fp32-cache-{setting.split(':')[0]}", "cache": setting,
+        out.append({"stage": "end_to_end", "impl": f"{impl}-cache-{setting.split(':')[0]}", "cache": setting,
                     **t, "steps": steps, "dit_calls": float(np.mean([v.timings.dit_calls for v in videos])),
                     "speedup": plain["median_ms"] / t["median_ms"], **quality, **record})
     return out
@@ -70,11 +71,12 @@ def cache_table(records: list[dict]) -> list[str]:
     if not rows:
         return []
     lines = ["", "Step caching (`--cache`; quality against the uncached video of the same request):", "",
-             "| model | cache | DiT calls / steps | median ms | speed-up | PSNR dB | shape IoU | colour error |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| model | runtime | cache | DiT calls / steps | median ms | speed-up | PSNR dB | shape IoU | colour error |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         q = [f"{r[k]:.{d}f}" if k in r else "" for k, d in (("psnr_db", 1), ("shape_iou", 3), ("colour_error", 1))]
-        lines.append(f"| {r.get('model', '')} | {r['cache']} | {r['dit_calls']:g} / {r['steps']} | "
+        runtime = r["impl"].split("-cache-")[0]
+        lines.append(f"| {r.get('model', '')} | {runtime} | {r['cache']} | {r['dit_calls']:g} / {r['steps']} | "
                      f"{r['median_ms']:.0f} | {r.get('speedup', 1.0):.2f}x | {' | '.join(q)} |")
     return lines
 

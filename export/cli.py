@@ -76,12 +76,16 @@ errors go into manifest.json, and a stage over its tolerance fails the build.
               "of the text (and image) tokens once per video, in a context graph whose outputs the step graph "
               "takes, instead of at every step (the step graph loses those projections; held per video: "
               "2 x layers x 512 x dim floats per prompt).")
+@click.option("--fused-attention", is_flag=True, help="--model: also write each expert's step as an ONNX Runtime "
+              "graph with fused attention (com.microsoft.MultiHeadAttention), which wan-run then runs on ONNX "
+              "Runtime; TensorRT and fp16 keep the portable graph. The experts' weights are stored twice.")
 @click.option("--force", is_flag=True, help="Replace an existing artifact directory (only one written by "
               "wan-export and holding nothing else; only after the new build has succeeded).")
 @click.option("--debug", is_flag=True, help="Tracebacks and the exporter's own logging.")
 def main(model_dir, list_models, preset, config_path, checkpoint, out, attention, opset, precision_list,
          int8_float_layers, tensorrt, trt_flavour, min_shape, opt_shape, max_shape,
-         builder_optimization_level, compute_capability, timing_cache, reuse, text_kv, force, debug):
+         builder_optimization_level, compute_capability, timing_cache, reuse, text_kv, fused_attention, force,
+         debug):
     """Export a model's stages to validated ONNX graphs (and TensorRT engines) with a manifest:
     a released Wan checkpoint (--model) or this project's own model (--preset / --config)."""
     from export.config import get_preset, load_config
@@ -103,10 +107,12 @@ def main(model_dir, list_models, preset, config_path, checkpoint, out, attention
                            "belongs to the project's own model, not to it")
         export_released(model_dir, out, force, opset, precision_list, tensorrt, trt_flavour, min_shape,
                         opt_shape, max_shape, builder_optimization_level, compute_capability, timing_cache, reuse,
-                        text_kv)
+                        text_kv, fused_attention)
         return
-    if reuse or text_kv:
-        raise WanError(f"{'--reuse' if reuse else '--text-kv'} is for released models: it goes with --model")
+    wan_only = [flag for flag, given in (("--reuse", reuse), ("--text-kv", text_kv),
+                                         ("--fused-attention", fused_attention)) if given]
+    if wan_only:
+        raise WanError(f"{wan_only[0]} is for released models: it goes with --model")
     cfg = load_config(config_path) if config_path else get_preset(preset or "small")
     if attention:
         cfg = dataclasses.replace(cfg, dit=dataclasses.replace(cfg.dit, attention=attention))
@@ -162,7 +168,8 @@ def report(manifest, out, engines) -> None:
 
 
 def export_released(model_dir, out, force, opset, precision_list, tensorrt, flavour, min_shape, opt_shape,
-                    max_shape, level, targets, timing_cache, reuse=None, text_kv=False) -> None:
+                    max_shape, level, targets, timing_cache, reuse=None, text_kv=False,
+                    fused_attention=False) -> None:
     """--model: a diffusers-layout Wan folder through export/wan/build.py."""
     wan = build_tool("export.wan.build", "wan-export --model (diffusers, transformers)")
     precisions = parse_precisions(precision_list)
@@ -174,7 +181,8 @@ def export_released(model_dir, out, force, opset, precision_list, tensorrt, flav
         engines = engine_options(video, maxima, wan.wan_geometry(ckpt.vae).pixels_per_token[0], min_shape,
                                  opt_shape, max_shape, flavour, level, targets, timing_cache)
     manifest = wan.build_wan_artifacts(model_dir, out, force=force, opset=opset, precisions=precisions,
-                                       engines=engines, reuse=reuse, text_kv=text_kv)
+                                       engines=engines, reuse=reuse, text_kv=text_kv,
+                                       fused_attention=fused_attention)
     size = sum(f["size"] for f in manifest.files.values()) / 1e6
     release = manifest.model["release"]
     click.echo(f"wrote {out}: {manifest.model['pipeline']} ({manifest.model['version']}"

@@ -130,7 +130,7 @@ def fake_stages(monkeypatch, build_mod, on_export=None):
         "passed": True, "max_abs": 0.0, "max_rel": 0.0, "tolerance": 1e-4})
 
 
-# What each tiny export adds to `wan-export --model`: Wan2.1 T2V at fp16/int8, A14B at fp16/int8
+# What each tiny export adds to `wan-export --model`: Wan2.1 T2V at fp16/int8 with fused attention, A14B at fp16/int8
 # (per-expert calibration), I2V-A14B at fp16 (calibration on images); the others fp32. TensorRT engines (where tensorrt-rtx builds them) for
 # Wan2.1 T2V, A14B and Wan2.1 I2V: every kind of stage at every precision. The tiny pipelines share
 # their seeded text encoder (and the Wan2.1 ones their VAE), so each export --reuse-s those stages
@@ -139,7 +139,7 @@ def fake_stages(monkeypatch, build_mod, on_export=None):
 # engines; CLIP image K/V).
 WAN_ORDER = ("wan2.2", "wan2.1", "a14b", "a14b-i2v", "wan2.1-i2v")
 WAN_BUILDS = (*WAN_ORDER, "a14b+kv", "wan2.1-i2v+kv")
-WAN_EXPORT_ARGS = {"wan2.1": ["--precision", "fp16,int8"], "a14b": ["--precision", "fp16,int8"],
+WAN_EXPORT_ARGS = {"wan2.1": ["--precision", "fp16,int8", "--fused-attention"], "a14b": ["--precision", "fp16,int8"],
                    "a14b-i2v": ["--precision", "fp16"],  # calibrated on images
                    "a14b+kv": ["--text-kv", "--precision", "fp16,int8"], "wan2.1-i2v+kv": ["--text-kv"]}
 WAN_ENGINES = ("wan2.1", "a14b", "wan2.1-i2v", "a14b+kv")

@@ -254,3 +254,11 @@ def test_reduced_precision_video(wan_artifacts, precision, bar):
     fp32 = Pipeline.from_dir(art).generate(**kw).frames
     got = Pipeline.from_dir(art, precision=precision).generate(**kw).frames
     assert psnr(got, fp32) >= bar
+
+
+def test_released_only_export_flags(tmp_path):
+    for flag in ("--text-kv", "--fused-attention"):
+        r = run_cli("wan-export", "--preset", "tiny", "--out", tmp_path / "x", flag)
+        assert r.returncode == 2
+        one_line_error(r, f"{flag} is for released models: it goes with --model")
+    assert not (tmp_path / "x").exists()

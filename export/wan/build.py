@@ -109,13 +109,15 @@ def symbol_ranges(ckpt: WanCheckpoint, video: dict) -> dict[str, SymbolRange]:
 def build_wan_artifacts(model_dir: str | Path, out: str | Path, force: bool = False,
                         opset: int = DEFAULT_OPSET, precisions: tuple[str, ...] = ("fp32",),
                         engines: EngineOptions | None = None, reuse: str | Path | None = None,
-                        text_kv: bool = False, calibration: "WanCalibration | None" = None) -> Manifest:
+                        text_kv: bool = False, calibration: "WanCalibration | None" = None,
+                        fused_attention: bool = False) -> Manifest:
     """Export a diffusers-layout Wan folder's stages to the artifact directory `out`. `reuse`:
     an artifact directory whose fp32 stages are copied where they came from the same weights,
     code, tools and shape ranges (releases share the VAE and the text encoder). `text_kv`: each
     expert's cross-attention K/V in a context graph run once per video (`dit_context`), the step
     graph taking them. `calibration`: the runs int8 is calibrated and fp16/int8 measured on
-    (default: `WanCalibration.for_manifest`, the default video capped at 17x256x256, 20 steps)."""
+    (default: `WanCalibration.for_manifest`, the default video capped at 17x256x256, 20 steps).
+    `fused_attention`: each expert's step also as an ONNX Runtime graph with fused attention."""
     ckpt = read_checkpoint(model_dir)  # everything checked before anything is loaded
     previous = reusable(reuse) if reuse is not None else None
     unknown = [p for p in precisions if p not in PRECISIONS]
@@ -133,7 +135,8 @@ def build_wan_artifacts(model_dir: str | Path, out: str | Path, force: bool = Fa
     log.info("%s: %s (%s%s%s)", ckpt.root, ckpt.pipeline, ckpt.version,
              ", two experts" if len(ckpt.experts) == 2 else "", f", {release}" if release else "")
     with ArtifactWriter(out, force) as writer:
-        stages, latent = export_stages(ckpt, writer, symbols, opset, stage_names, previous, text_kv)
+        stages, latent = export_stages(ckpt, writer, symbols, opset, stage_names, previous, text_kv,
+                                       fused_attention)
         shutil.copyfile(ckpt.tokenizer_file, writer.path(TOKENIZER))
         manifest = Manifest(
             model={"name": ckpt.root.name, "pipeline": ckpt.pipeline, "version": ckpt.version,
@@ -237,15 +240,17 @@ def stage_sources(ckpt: WanCheckpoint, component_of: dict[str, str], symbols, op
 SOURCE_PACKAGES = ("diffusers", "transformers", "onnxscript", "onnx_ir")
 
 
-# The experts' step graphs get a second, ONNX Runtime-only graph with fused attention (the
-# portable one is what TensorRT builds and what fp16 runs); the context graphs have no attention.
+# --fused-attention: the experts' step graphs get a second, ONNX Runtime-only graph with fused
+# attention (the portable one is what TensorRT builds and what fp16 runs); the context graphs have
+# no attention. Opt-in: it stores the experts' weights a second time (57 GB per A14B expert).
 EXPERT_STAGES = ("dit", "dit_2")
 ORT_DIT = "onnx/{precision}/{name}.ort.onnx"
 ORT_DIT_OPS = [f"{CONTRIB_DOMAIN}.MultiHeadAttention"]
 
 
 def export_stages(ckpt: WanCheckpoint, writer: ArtifactWriter, symbols, opset: int, stage_names: list[str],
-                  previous: tuple[Path, Manifest] | None = None, text_kv: bool = False):
+                  previous: tuple[Path, Manifest] | None = None, text_kv: bool = False,
+                  fused_attention: bool = False):
     """Each component loaded in turn, its stages exported and checked, then freed; the largest
     first, since what torch keeps after an export raises the floor of every later one. With
     `previous` (--reuse), a component whose stages are all there from the same source is copied
@@ -264,7 +269,7 @@ def export_stages(ckpt: WanCheckpoint, writer: ArtifactWriter, symbols, opset: i
         label = f"[{next(count)}/{len(stage_names)}] {name}"
         check = export_checked(label, module.eval(), stage_specs[name], symbols, writer.path(rel), opset)
         ort_graph = None
-        if name in EXPERT_STAGES:  # the step again with fused attention: what ONNX Runtime runs
+        if fused_attention and name in EXPERT_STAGES:  # the step again, fused: what ONNX Runtime runs
             torch._dynamo.reset()
             ort_rel = ORT_DIT.format(precision="fp32", name=name)
             with ort_attention():
@@ -286,7 +291,8 @@ def export_stages(ckpt: WanCheckpoint, writer: ArtifactWriter, symbols, opset: i
         for name in names:
             stage = old.stages.get(name)
             if stage is None or stage.artifacts["fp32"].details.get("source") != sources[name] or (
-                    name in specs and stage.spec.to_dict() != specs[name].to_dict()):  # (VAE specs: need the VAE)
+                    name in specs and stage.spec.to_dict() != specs[name].to_dict()) or (  # (VAE specs: need the VAE)
+                    name in EXPERT_STAGES and (stage.artifacts["fp32"].ort_graph is not None) != fused_attention):
                 missing.append(name)
                 continue
             art = stage.artifacts["fp32"]
