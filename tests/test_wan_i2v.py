@@ -85,27 +85,25 @@ def test_text_kv_stages(wan_artifacts):
 
 
 def test_text_kv_precisions_engines_low_memory(wan_artifacts):
-    """--text-kv at fp16 (the context graphs converted too) and int8 (the context kept fp32, as
-    the cross-attentions are), with TensorRT engines for every stage; --low-memory runs each
-    expert's context once, at the expert's first step, and holds one expert's at a time."""
+    """--text-kv at fp16 (the context graphs converted too), with TensorRT engines for every stage
+    (int8, which keeps the context fp32, is measured at Wan width by python -m bench --part wan);
+    --low-memory runs each expert's context once a video."""
     from runtime.backends import OnDemandStage
     from tests.conftest import HAVE_TRT_BUILDER
     from tests.test_cache import count_dit_calls
 
     art = wan_artifacts("a14b+kv")
     m = load_manifest(art)
-    assert m.precisions() == ["fp32", "fp16", "int8"]
-    assert m.quality["fp16"]["psnr_db"] >= 40 and m.quality["int8"]["psnr_db"] >= 30
+    assert m.precisions() == ["fp32", "fp16"]
+    assert m.quality["fp16"]["psnr_db"] >= 40
     for context in ("dit_context", "dit_2_context"):
         assert m.stages[context].artifacts["fp16"].path == f"onnx/fp16/{context}.onnx"
-        assert m.stages[context].artifacts["int8"].details["kept"] == "fp32"
         if HAVE_TRT_BUILDER:
             assert all(a.engine is not None and a.engine["path"] in m.files
                        for a in m.stages[context].artifacts.values())
     kw = dict(prompt=PROMPT, frames=5, height=SIZE, width=SIZE, steps=4, guidance=5.0, guidance_2=3.0, seed=3)
     want = Pipeline.from_dir(art).generate(**kw).frames
-    for precision, bar in (("fp16", 40.0), ("int8", 30.0)):
-        assert psnr(Pipeline.from_dir(art, precision=precision).generate(**kw).frames, want) >= bar
+    assert psnr(Pipeline.from_dir(art, precision="fp16").generate(**kw).frames, want) >= 40.0
     pipe = Pipeline.from_dir(art, low_memory=True)
     lazy = {n for n, s in pipe.stages.items() if isinstance(s, OnDemandStage)}
     assert {"dit_context", "dit_2_context", "dit", "dit_2"} <= lazy
