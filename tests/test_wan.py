@@ -262,3 +262,17 @@ def test_released_only_export_flags(tmp_path):
         assert r.returncode == 2
         one_line_error(r, f"{flag} is for released models: it goes with --model")
     assert not (tmp_path / "x").exists()
+
+
+def test_ranges_stop_at_the_rope_length(wan_artifacts, tmp_path):
+    """The tiny transformers' RoPE has 32 positions per axis (rope_max_seq_len): the exported
+    ranges and the default video stop there, so a wider request is refused in one line instead
+    of failing inside the graph (81x480x832 did, in a Reshape of the RoPE table)."""
+    art = wan_artifacts("wan2.1")
+    m = load_manifest(art)
+    assert m.symbols["Wp"].max == m.symbols["Hp"].max == m.symbols["F"].max == 32
+    assert (m.video["frames"], m.video["height"], m.video["width"]) == (81, 480, 512)
+    r = run_cli("wan-run", art, "--prompt", "a fox", "--width", 832, "-o", tmp_path / "x.mp4")
+    assert r.returncode == 2
+    one_line_error(r, "width 832 is not allowed: use a multiple of 16 from 16 to 512")
+    assert not (tmp_path / "x.mp4").exists()

@@ -67,7 +67,19 @@ def defaults(ckpt: WanCheckpoint) -> tuple[dict, dict, str | None]:
     if len(ckpt.experts) == 2 and k is not None and k.guidance_2 is not None:
         sampler["guidance_2"] = k.guidance_2  # the release's; without it the request's guidance, as diffusers
     sampler.update(shift=float(shift), solver=ckpt.scheduler["_class_name"])
+    # a checkpoint whose RoPE is shorter than the default video's token grid: the longest it can take
+    n, geom = token_limit(ckpt), wan_geometry(ckpt.vae)
+    ph, pw = geom.pixels_per_token
+    video = {"frames": min(video["frames"], (n - 1) * geom.temporal_stride + 1),
+             "height": min(video["height"], n * ph), "width": min(video["width"], n * pw)}
     return sampler, video, (k.name if k else None)
+
+
+def token_limit(ckpt: WanCheckpoint) -> int:
+    """Tokens per axis of the patch grid (latent frames, rows, columns) the transformer's RoPE has
+    positions for (diffusers' rope_max_seq_len: 1024 in every release). A longer axis fails inside
+    the graph (a Reshape of the RoPE table), so the exported ranges stop there."""
+    return int(ckpt.transformer.get("rope_max_seq_len", 1024))
 
 
 def wan_stages(ckpt: WanCheckpoint, decoder_caches=None, encoder_caches=None, text_kv: bool = False) -> WanStages:
@@ -98,12 +110,13 @@ def clip_preprocessing(ckpt: WanCheckpoint) -> dict:
 
 
 def symbol_ranges(ckpt: WanCheckpoint, video: dict) -> dict[str, SymbolRange]:
-    geom = wan_geometry(ckpt.vae)
+    geom, n = wan_geometry(ckpt.vae), token_limit(ckpt)
     ph, pw = geom.pixels_per_token
     return {"B": SymbolRange(1, 2, 8),
-            "F": SymbolRange(1, geom.frames_to_latent(video["frames"]), geom.frames_to_latent(MAX_VIDEO_FRAMES)),
-            "Hp": SymbolRange(1, video["height"] // ph, MAX_VIDEO_PX // ph),
-            "Wp": SymbolRange(1, video["width"] // pw, MAX_VIDEO_PX // pw)}
+            "F": SymbolRange(1, geom.frames_to_latent(video["frames"]),
+                             min(geom.frames_to_latent(MAX_VIDEO_FRAMES), n)),
+            "Hp": SymbolRange(1, video["height"] // ph, min(MAX_VIDEO_PX // ph, n)),
+            "Wp": SymbolRange(1, video["width"] // pw, min(MAX_VIDEO_PX // pw, n))}
 
 
 def build_wan_artifacts(model_dir: str | Path, out: str | Path, force: bool = False,
