@@ -104,10 +104,12 @@ class StepCache:
                 self.reused.append(i)
                 return g.v
             v = velocity(x, i)
-            norm = float(self.xp.abs(v).mean())
-            if g.v is not None and g.norm > 0:
-                g.ratio = (norm / g.norm) ** (1.0 / (i - g.step))  # per step, over the gap
-            g.v, g.step, g.norm, g.x_prev = v, i, norm, x
+            if self.setting.method == "magcache":  # the only rule that reads the magnitudes
+                norm = float(self.xp.abs(v).mean())
+                if g.v is not None and g.norm > 0:
+                    g.ratio = (norm / g.norm) ** (1.0 / (i - g.step))  # per step, over the gap
+                g.norm = norm
+            g.v, g.step, g.x_prev = v, i, x
             g.error, g.product, g.run = 0.0, 1.0, 0
             return v
 
