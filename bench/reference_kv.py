@@ -1,18 +1,24 @@
-"""The seed family's version of --text-kv, measured before building it: how much of a `small` DiT
-step is the reference side of its cross-attention, which is the same at every step.
+"""The seed family's `--text-kv`: what computing the reference K/V once per video saves a `small`
+DiT step.
 
-    python -m bench.reference_kv
+    python -m bench.reference_kv [--plain DIR --kv DIR]
 
 Each block's cross-attention projects the reference tokens to K/V, normalizes K, copies both
 per latent frame and rotates each frame's keys by where the motion carries them (export/dit.py,
-`Attention.cross`): none of it depends on the step. This times the PyTorch step (CFG batch 2,
-`small`'s default video) as it is and with that work done once, at the first call, and counts
-both steps' FLOPs.
+`WanDiT.reference_kv`): none of it depends on the step. This times one step (CFG batch 2,
+`small`'s default video) in PyTorch (`forward` against `step` on K/V made once) and in ONNX
+Runtime (the plain build's DiT against a --text-kv build's step, fp32, the graphs wan-run runs),
+the context call, and counts both steps' FLOPs. Without --plain/--kv both builds are made first
+(fp32, about 3 minutes each on 2 cores).
 """
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import click
+import numpy as np
 import torch
 
 from bench.measure import flops, timed
@@ -20,50 +26,53 @@ from bench.measure import flops, timed
 
 @click.command()
 @click.option("--runs", default=20, show_default=True, help="Timed runs of each step.")
-def main(runs: int):
-    """Time small's DiT step with and without the reference K/V recomputed every step."""
-    import export.dit as dit_module
+@click.option("--plain", type=click.Path(path_type=Path), help="A plain `small` artifact directory.")
+@click.option("--kv", type=click.Path(path_type=Path), help="A `small` artifact directory built with --text-kv.")
+def main(runs: int, plain: Path | None, kv: Path | None):
+    """Time small's DiT step with the reference K/V computed in the step and once per video."""
+    from export.build import build_artifacts
     from export.config import get_preset
     from export.weights import build_models
+    from runtime import Pipeline
 
     cfg = get_preset("small")
     _, dit = build_models(cfg)
     dit.eval()
     g, v = cfg.geometry, cfg.video
     shape = (2, cfg.vae.z_dim, g.frames_to_latent(v.frames), v.height // 8, v.width // 8)
-    args = (torch.randn(shape), torch.rand(2) * 1000, torch.randn(*shape[:2], 1, *shape[3:]),
-            torch.eye(2, 3).expand(2, shape[2], 2, 3).contiguous())  # latent, timestep, reference, motion
+    rng = np.random.default_rng(0)
+    latent, ref = rng.standard_normal(shape, np.float32), rng.standard_normal((*shape[:2], 1, *shape[3:]), np.float32)
+    timestep = np.array([900.0, 900.0], np.float32)
+    motion = np.ascontiguousarray(np.broadcast_to(np.eye(2, 3, dtype=np.float32), (2, shape[2], 2, 3)))
+    x, t, r, m = (torch.from_numpy(a) for a in (latent, timestep, ref, motion))
+    lines = []
     with torch.no_grad():
-        plain, plain_flops = timed(lambda: dit(*args), runs=runs), flops(dit, *args)
-
-    held = {}
-
-    def cross(self, x, context, rope_q, rope_k, grid):
-        """Attention.cross with the reference K/V kept from the first call."""
-        B, _, D = x.shape
-        T = grid[0]
-        if id(self) not in held:
-            k, v = dit_module.project(context, self.to_k, self.to_v)
-            Lr = k.shape[1]
-            k = self.norm_k(k)[:, None].expand(B, T, Lr, D).reshape(B * T, Lr, D)  # a copy per frame
-            v = v[:, None].expand(B, T, Lr, D).reshape(B * T, Lr, D)
-            held[id(self)] = (self.kernels.rotary_each(k, *rope_k, self.heads), v)
-        k, v = held[id(self)]
-        q = self.kernels.rotary(self.norm_q(self.to_q(x)), *rope_q, self.heads)  # (B, L, D)
-        out = self.kernels.attention(dit_module.group(q, "spatial", grid), k, v, self.heads)
-        return self.to_out[0](dit_module.ungroup(out, "spatial", grid))
-
-    original = dit_module.Attention.cross
-    dit_module.Attention.cross = cross
-    try:
-        with torch.no_grad():
-            dit(*args)  # fills `held`
-            kept, kept_flops = timed(lambda: dit(*args), runs=runs), flops(dit, *args)
-    finally:
-        dit_module.Attention.cross = original
-    click.echo(f"small DiT step (torch eager, batch 2): {plain['median_ms']:.1f} ms, {plain_flops / 1e9:.3f} GFLOP; "
-               f"reference K/V kept: {kept['median_ms']:.1f} ms, {kept_flops / 1e9:.3f} GFLOP "
-               f"({plain['median_ms'] / kept['median_ms']:.2f}x)")
+        ref_kv = dit.reference_kv(r, m)
+        inline, once = timed(lambda: dit(x, t, r, m), runs=runs), timed(lambda: dit.step(x, t, ref_kv), runs=runs)
+        context = timed(lambda: dit.reference_kv(r, m), runs=runs)
+        f_inline, f_once = flops(dit, x, t, r, m), flops(dit.step, x, t, ref_kv)
+    lines.append(f"torch eager: step {inline['median_ms']:.1f} ms ({f_inline / 1e9:.3f} GFLOP) -> "
+                 f"{once['median_ms']:.1f} ms ({f_once / 1e9:.3f} GFLOP) with the K/V made once "
+                 f"({inline['median_ms'] / once['median_ms']:.2f}x); the context {context['median_ms']:.1f} ms once")
+    with tempfile.TemporaryDirectory() as tmp:
+        if plain is None:
+            plain = Path(tmp) / "plain"
+            build_artifacts(cfg, plain)
+        if kv is None:
+            kv = Path(tmp) / "kv"
+            build_artifacts(cfg, kv, text_kv=True)
+        p, k = Pipeline.from_dir(plain), Pipeline.from_dir(kv)
+        if "dit_context" not in k.stages:
+            raise click.UsageError(f"--kv {kv} was not built with --text-kv")
+        feeds = {"ref_latent": ref, "motion": motion}
+        kv_feed = k.stages["dit_context"](**feeds)
+        inline = timed(lambda: p.stages["dit"](latent=latent, timestep=timestep, **feeds), runs=runs)
+        once = timed(lambda: k.stages["dit"](latent=latent, timestep=timestep, **kv_feed), runs=runs)
+        context = timed(lambda: k.stages["dit_context"](**feeds), runs=runs)
+    lines.append(f"ONNX Runtime fp32: step {inline['median_ms']:.1f} ms -> {once['median_ms']:.1f} ms with "
+                 f"--text-kv ({inline['median_ms'] / once['median_ms']:.2f}x); the context {context['median_ms']:.1f} "
+                 "ms once per video")
+    click.echo(f"small DiT step, batch 2, {v.frames}x{v.height}x{v.width}:\n  " + "\n  ".join(lines))
 
 
 if __name__ == "__main__":

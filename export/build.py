@@ -1,7 +1,9 @@
 """`wan-export` as a library call: reference model -> validated ONNX stages -> artifact directory.
 
     fp32     every stage exported from PyTorch and checked against it (two shapes); the DiT
-             also with ONNX Runtime's fused kernels (an ORT-only graph, export/kernels.py)
+             also with ONNX Runtime's fused kernels (an ORT-only graph, export/kernels.py).
+             `text_kv`: the reference's cross-attention K/V as a context stage run once per
+             video (`dit_context`), the DiT step taking them as an input
     fp16     mixed precision with fp32 islands (engines/fp16.py)
     int8     Q/DQ from calibration on real denoising trajectories (engines/int8.py)
     engines  a TensorRT .plan per stage and precision (engines/tensorrt.py)
@@ -27,7 +29,7 @@ from engines.artifacts import ArtifactWriter
 from engines.tensorrt import EngineOptions, build_engine, resolve_flavour, symbol_profile
 from export.calibration import CalibrationConfig, capture, reference_image
 from export.config import ModelConfig
-from export.dit import WanDiT
+from export.dit import DiTContextStage, DiTStepStage, WanDiT
 from export.kernels import CONTRIB_DOMAIN, CONTRIB_OPS, ONNX_RUNTIME, onnx_runtime_translations
 from export.onnx_export import DEFAULT_OPSET, export_stage, validate_stage
 from export.vae import (VAEDecoderFirstStage, VAEDecoderStage, VAEDecoderStepStage, VAEEncoderStage,
@@ -37,7 +39,7 @@ from runtime.backends import OnnxRuntimeBackend, available_providers
 from runtime.errors import WanError
 from runtime.manifest import PRECISIONS, Artifact, Manifest, Stage, sha256_file
 from runtime.pipeline import Pipeline
-from runtime.stages import STAGE_NAMES, STREAM_STAGE_NAMES, stage_specs, stream_decoder_specs
+from runtime.stages import CONTEXT_STAGE, STAGE_NAMES, STREAM_STAGE_NAMES, stage_specs, stream_decoder_specs
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +65,9 @@ def build_artifacts(cfg: ModelConfig, out: str | Path, checkpoint: str | Path | 
                     force: bool = False, opset: int = DEFAULT_OPSET,
                     precisions: tuple[str, ...] = ("fp32",),
                     int8_float_layers: tuple[str, ...] | None = None,
-                    engines: EngineOptions | None = None) -> Manifest:
+                    engines: EngineOptions | None = None, text_kv: bool = False) -> Manifest:
     """Export, validate and write `cfg`'s stages at `precisions` to the directory `out`.
+    `text_kv`: the reference K/V computed once per video by a context stage (`dit_context`).
 
     Raises WanError when a stage or a precision misses its bar; nothing is left at `out` then.
     """
@@ -75,11 +78,11 @@ def build_artifacts(cfg: ModelConfig, out: str | Path, checkpoint: str | Path | 
     precisions = tuple(p for p in PRECISIONS if p in precisions or p == "fp32")  # fp32 is the base
     if engines is not None:
         resolve_flavour(engines.flavour)  # fail before the slow work
-        for name in (*STAGE_NAMES, *STREAM_STAGE_NAMES):
+        for name in (*STAGE_NAMES, *STREAM_STAGE_NAMES, *((CONTEXT_STAGE,) if text_kv else ())):
             symbol_profile(engines, cfg.geometry, name, cfg.symbol_ranges())
     with ArtifactWriter(out, force) as writer:  # checks `out` before any slow work
         vae, dit = build_models(cfg, checkpoint)
-        stages = export_fp32(cfg, vae, dit, writer, opset)
+        stages = export_fp32(cfg, vae, dit, writer, opset, text_kv)
         model = cfg.to_dict()
         manifest = Manifest(
             model=model, geometry=cfg.geometry,
@@ -98,6 +101,8 @@ def build_artifacts(cfg: ModelConfig, out: str | Path, checkpoint: str | Path | 
             t0 = time.perf_counter()
             samples = capture(vae, dit, cfg, calib.seeds)
             holdout = capture(vae, dit, cfg, calib.holdout_seeds)
+            if text_kv:  # the step graph's inputs are then latent, timestep and ref_kv
+                samples, holdout = with_reference_kv(dit, samples), with_reference_kv(dit, holdout)
             log.info("calibration: %d trajectories (%d DiT calls) + %d held out in %.1f s",
                      len(calib.seeds), len(samples["dit"]), len(calib.holdout_seeds),
                      time.perf_counter() - t0)
@@ -121,20 +126,24 @@ def weights_record(cfg: ModelConfig, checkpoint: str | Path | None) -> dict:
             "sha256": sha256_file(path)}
 
 
-def export_fp32(cfg: ModelConfig, vae, dit, writer: ArtifactWriter, opset: int) -> dict[str, Stage]:
-    """The three stages plus the streaming decoder's two, exported and checked against PyTorch,
-    and the DiT once more with ONNX Runtime's fused kernels (export/kernels.py)."""
-    modules = {"vae_encoder": VAEEncoderStage(vae), "dit": dit, "vae_decoder": VAEDecoderStage(vae),
-               "vae_decoder_first": VAEDecoderFirstStage(vae), "vae_decoder_step": VAEDecoderStepStage(vae)}
-    specs = {**stage_specs(cfg.geometry),
-             **stream_decoder_specs(cfg.geometry, decoder_cache_layout(vae))}
+def export_fp32(cfg: ModelConfig, vae, dit, writer: ArtifactWriter, opset: int,
+                text_kv: bool = False) -> dict[str, Stage]:
+    """The three stages plus the streaming decoder's two (and with `text_kv` the context stage),
+    exported and checked against PyTorch, and the DiT step once more with ONNX Runtime's fused
+    kernels (export/kernels.py)."""
     fused_dit = WanDiT(cfg.dit, cfg.vae.z_dim, kernels=ONNX_RUNTIME).eval()
     fused_dit.load_state_dict(dit.state_dict())
+    step, fused_step = (DiTStepStage(dit), DiTStepStage(fused_dit)) if text_kv else (dit, fused_dit)
+    modules = {"vae_encoder": VAEEncoderStage(vae), CONTEXT_STAGE: DiTContextStage(dit), "dit": step,
+               "vae_decoder": VAEDecoderStage(vae), "vae_decoder_first": VAEDecoderFirstStage(vae),
+               "vae_decoder_step": VAEDecoderStepStage(vae)}
+    specs = {**stage_specs(cfg.geometry, (cfg.dit.num_layers, cfg.dit.dim) if text_kv else None),
+             **stream_decoder_specs(cfg.geometry, decoder_cache_layout(vae))}
     graphs = []  # (stage, module, path, custom-op translations)
     for name in specs:
         graphs.append((name, modules[name], f"onnx/fp32/{name}.onnx", None))
         if name == "dit":
-            graphs.append((name, fused_dit, ORT_GRAPH.format(precision="fp32"), onnx_runtime_translations()))
+            graphs.append((name, fused_step, ORT_GRAPH.format(precision="fp32"), onnx_runtime_translations()))
     symbols = cfg.symbol_ranges()
     stages: dict[str, Stage] = {}
     for i, (name, module, rel, translations) in enumerate(graphs, 1):
@@ -147,6 +156,21 @@ def export_fp32(cfg: ModelConfig, vae, dit, writer: ArtifactWriter, opset: int) 
             stages[name].artifacts["fp32"] = dataclasses.replace(
                 art, ort_graph={"path": rel, "validation": check, "ops": ORT_GRAPH_OPS})
     return stages
+
+
+def with_reference_kv(dit: WanDiT, samples: dict) -> dict:
+    """Calibration samples of a `text_kv` build: the DiT calls' (ref_latent, motion) become
+    `dit_context`'s samples and, through the PyTorch context stage, the step's `ref_kv` (one
+    array per trajectory, shared by its calls)."""
+    context, steps, kv = [], [], {}
+    for call in samples["dit"]:
+        key = (call["ref_latent"].tobytes(), call["motion"].tobytes())
+        if key not in kv:
+            context.append({"ref_latent": call["ref_latent"], "motion": call["motion"]})
+            with torch.no_grad():
+                kv[key] = dit.reference_kv(*(torch.from_numpy(a) for a in context[-1].values())).numpy()
+        steps.append({"latent": call["latent"], "timestep": call["timestep"], "ref_kv": kv[key]})
+    return {**samples, "dit": steps, CONTEXT_STAGE: context}
 
 
 def export_checked(label: str, module, spec, symbols, path: Path, opset: int,
@@ -246,10 +270,13 @@ def build_reduced(precision: str, manifest: Manifest, root: Path, samples, holdo
                          float_layers)
             ort_graph = {"path": ort_rel, "validation": {}, "ops": ORT_GRAPH_OPS}
         manifest.stages[name].artifacts[precision] = Artifact(precision, rel, {}, details, ort_graph=ort_graph)
-    for name in STREAM_STAGE_NAMES:  # small per-frame graphs: fp32 at every precision
-        fp32 = manifest.stages[name].artifacts["fp32"]
-        manifest.stages[name].artifacts[precision] = Artifact(
-            precision, fp32.path, fp32.validation, {"kept": "fp32", "reason": "the streaming decoder runs in fp32"})
+    kept = {**{n: "the streaming decoder runs in fp32" for n in STREAM_STAGE_NAMES},  # small per-frame graphs
+            CONTEXT_STAGE: "the reference K/V are computed once per video, in fp32"}
+    for name, reason in kept.items():  # fp32 at every precision
+        if name in manifest.stages:
+            fp32 = manifest.stages[name].artifacts["fp32"]
+            manifest.stages[name].artifacts[precision] = Artifact(
+                precision, fp32.path, fp32.validation, {"kept": "fp32", "reason": reason})
 
     # What wan-run runs (ONNX Runtime graphs where built), and the portable graphs TensorRT builds.
     fp32_pipe = Pipeline.for_manifest(root, manifest, OnnxRuntimeBackend(root, manifest, "fp32"))

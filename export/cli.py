@@ -72,10 +72,11 @@ errors go into manifest.json, and a stage over its tolerance fails the build.
               help="TensorRT timing cache to load and update (default: one inside the artifacts).")
 @click.option("--reuse", type=click.Path(path_type=str), help="--model: an artifact directory whose stages "
               "made from the same weights, code and tools are copied, not exported again.")
-@click.option("--text-kv", is_flag=True, help="--model: compute each expert's cross-attention keys and values "
-              "of the text (and image) tokens once per video, in a context graph whose outputs the step graph "
-              "takes, instead of at every step (the step graph loses those projections; held per video: "
-              "2 x layers x 512 x dim floats per prompt).")
+@click.option("--text-kv", is_flag=True, help="Compute the cross-attention keys and values of the context tokens "
+              "once per video, in a context graph (dit_context) whose outputs the step graph takes, instead of at "
+              "every step: --model's text (and image) tokens, per expert (held per video: 2 x layers x 512 x dim "
+              "floats per prompt); the project's model's reference tokens, rotated per latent frame (2 x layers "
+              "x frames x tokens per frame x dim floats per branch).")
 @click.option("--fused-attention", is_flag=True, help="--model: also write each expert's step as an ONNX Runtime "
               "graph with fused attention (com.microsoft.MultiHeadAttention), which wan-run then runs on ONNX "
               "Runtime; TensorRT and fp16 keep the portable graph. The experts' weights are stored twice.")
@@ -109,8 +110,7 @@ def main(model_dir, list_models, preset, config_path, checkpoint, out, attention
                         opt_shape, max_shape, builder_optimization_level, compute_capability, timing_cache, reuse,
                         text_kv, fused_attention)
         return
-    wan_only = [flag for flag, given in (("--reuse", reuse), ("--text-kv", text_kv),
-                                         ("--fused-attention", fused_attention)) if given]
+    wan_only = [flag for flag, given in (("--reuse", reuse), ("--fused-attention", fused_attention)) if given]
     if wan_only:
         raise WanError(f"{wan_only[0]} is for released models: it goes with --model")
     cfg = load_config(config_path) if config_path else get_preset(preset or "small")
@@ -127,7 +127,7 @@ def main(model_dir, list_models, preset, config_path, checkpoint, out, attention
                              opt_shape, max_shape, trt_flavour, builder_optimization_level, compute_capability,
                              timing_cache) if tensorrt else None
     manifest = build_artifacts(cfg, out, checkpoint=checkpoint, force=force, opset=opset,
-                               precisions=precisions, int8_float_layers=layers, engines=engines)
+                               precisions=precisions, int8_float_layers=layers, engines=engines, text_kv=text_kv)
     size = sum(f["size"] for f in manifest.files.values()) / 1e6
     click.echo(f"wrote {out}: {cfg.name} ({cfg.dit.attention} attention, {manifest.weights['source']} "
                f"weights), {len(manifest.stages)} stages at {', '.join(manifest.precisions())}, {size:.1f} MB")

@@ -103,18 +103,21 @@ class Attention(nn.Module):
         out = self.kernels.attention(*(group(t, layout, grid) for t in (q, k, v)), self.heads)
         return self.to_out[0](ungroup(out, layout, grid))
 
-    def cross(self, x, context, rope_q, rope_k, grid):
-        """Cross-attention, frame by frame: x (B, T*H*W, D) video tokens, context (B, Lr, D)
-        reference tokens, rope_k (B*T, Lr, d/2) tables placing the keys for each frame
-        (`reference_rope`) -> (B, T*H*W, D)."""
-        B, _, D = x.shape
-        T = grid[0]
-        q, (k, v) = self.to_q(x), project(context, self.to_k, self.to_v)
-        q = self.kernels.rotary(self.norm_q(q), *rope_q, self.heads)  # (B, L, D)
-        Lr = k.shape[1]
-        k = self.norm_k(k)[:, None].expand(B, T, Lr, D).reshape(B * T, Lr, D)  # a copy per frame
-        v = v[:, None].expand(B, T, Lr, D).reshape(B * T, Lr, D)
-        k = self.kernels.rotary_each(k, *rope_k, self.heads)  # a table per (batch item, frame)
+    def reference_kv(self, context, rope_k, frames: int):
+        """The step-independent half of the cross-attention: context (B, Lr, D) reference
+        tokens, rope_k (B*T, Lr, d/2) tables placing the keys for each of `frames` latent
+        frames (`reference_rope`) -> k, v (B*T, Lr, D): the keys normalized and rotated per
+        frame, the values copied per frame."""
+        B, Lr, D = context.shape
+        k, v = project(context, self.to_k, self.to_v)
+        k = self.norm_k(k)[:, None].expand(B, frames, Lr, D).reshape(B * frames, Lr, D)  # a copy per frame
+        v = v[:, None].expand(B, frames, Lr, D).reshape(B * frames, Lr, D)
+        return self.kernels.rotary_each(k, *rope_k, self.heads), v  # a table per (batch item, frame)
+
+    def cross(self, x, k, v, rope_q, grid):
+        """Cross-attention, frame by frame: x (B, T*H*W, D) video tokens, k, v (B*T, Lr, D)
+        from `reference_kv` -> (B, T*H*W, D)."""
+        q = self.kernels.rotary(self.norm_q(self.to_q(x)), *rope_q, self.heads)  # (B, L, D)
         out = self.kernels.attention(group(q, "spatial", grid), k, v, self.heads)  # (B*T, H*W, D)
         return self.to_out[0](ungroup(out, "spatial", grid))
 
@@ -183,15 +186,15 @@ class WanBlock(nn.Module):
             self.attn_temporal = Attention(cfg, kernels)
             self.scale_shift_table_temporal = nn.Parameter(torch.randn(1, 3, D) / D**0.5)
 
-    def forward(self, x, mod, context, rope_video, rope_ref, grid):
-        """x (B, L, D); mod (B, 6 or 9, D) from the timestep; context (B, Lr, D); rope_ref
-        (B*T, Lr, d/2) tables of the reference keys in each frame."""
+    def forward(self, x, mod, ref_k, ref_v, rope_video, grid):
+        """x (B, L, D); mod (B, 6 or 9, D) from the timestep; ref_k, ref_v (B*T, Lr, D) this
+        block's reference keys and values in each frame (`Attention.reference_kv`)."""
         shift_msa, scale_msa, gate_msa, c_shift, c_scale, c_gate = (
             self.scale_shift_table + mod[:, :6]).chunk(6, dim=1)
         h = modulate(self.norm1(x), shift_msa, scale_msa)
         layout = "spatial" if self.factorized else "full"
         x = x + gate_msa * self.attn1(h, h, rope_video, rope_video, layout, grid)
-        x = x + self.attn2.cross(self.norm2(x), context, rope_video, rope_ref, grid)
+        x = x + self.attn2.cross(self.norm2(x), ref_k, ref_v, rope_video, grid)
         if self.factorized:
             t_shift, t_scale, t_gate = (self.scale_shift_table_temporal + mod[:, 6:9]).chunk(3, dim=1)
             h = modulate(self.norm_temporal(x), t_shift, t_scale)
@@ -265,22 +268,64 @@ class WanDiT(nn.Module):
         """latent (B, C, F, h, w), timestep (B,) in [0, 1000], ref_latent (B, C, 1, h, w),
         motion (B, F, 2, 3) (runtime/motion.py) -> velocity (B, C, F, h, w), the
         flow-matching target noise - x0."""
+        return self.step(latent, timestep, self.reference_kv(ref_latent, motion))
+
+    def reference_kv(self, ref_latent, motion):
+        """What the reference contributes to a step, which no step changes: ref_latent
+        (B, C, 1, h, w), motion (B, F, 2, 3) -> ref_kv (B, 2 * layers, F, H, W, D), every
+        block's cross-attention keys (rotated to where each frame's map puts them) and values
+        (copied per frame), k then v for each block. `--text-kv` builds run this once per video
+        (the `dit_context` stage) and `step` at every step."""
+        cfg, Fr = self.cfg, motion.shape[1]
+        context = self.condition_embedder.ref_embedder(ref_latent)  # (B, H*W, D)
+        B, _, _, h, w = ref_latent.shape
+        grid = (Fr, h // cfg.patch_size[1], w // cfg.patch_size[2])
+        rope_ref = reference_rope(motion, grid, cfg.head_dim, cfg.rope_theta)  # (B*F, H*W, d/2)
+        kv = [t.reshape(B, *grid, cfg.dim)  # (B*F, H*W, D) -> (B, F, H, W, D)
+              for block in self.blocks for t in block.attn2.reference_kv(context, rope_ref, Fr)]
+        return torch.stack(kv, dim=1)  # (B, 2L, F, H, W, D)
+
+    def step(self, latent, timestep, ref_kv):
+        """One denoising step from the reference's keys and values (`reference_kv`):
+        latent (B, C, F, h, w), timestep (B,), ref_kv (B, 2 * layers, F, H, W, D) -> velocity."""
         B, C, Fr, h, w = latent.shape
         pt, ph, pw = self.cfg.patch_size
         cfg, emb = self.cfg, self.condition_embedder
         x = self.patch_embedding(latent)  # (B, D, T, H, W) token grid
         grid = tuple(x.shape[2:])
+        T, H, W = grid
         x = x.flatten(2).transpose(1, 2)  # (B, T*H*W, D), t-major
         temb = emb.time_embedder(timestep_features(timestep, cfg.freq_dim))  # (B, D)
         mod = emb.time_proj(F.silu(temb)).unflatten(1, (emb.n_mod, cfg.dim))  # (B, n_mod, D)
-        context = emb.ref_embedder(ref_latent)  # (B, H*W, D)
         rope_video = rope_tables(grid, cfg.head_dim, cfg.rope_theta)
-        rope_ref = reference_rope(motion, grid, cfg.head_dim, cfg.rope_theta)  # (B*T, H*W, d/2)
-        for block in self.blocks:
-            x = block(x, mod, context, rope_video, rope_ref, grid)
+        kv = ref_kv.reshape(B, 2 * cfg.num_layers, T, H * W, cfg.dim)  # (B, 2L, T, Lr, D)
+        for i, block in enumerate(self.blocks):
+            k, v = (kv[:, 2 * i + j].reshape(B * T, H * W, cfg.dim) for j in (0, 1))  # (B*T, Lr, D)
+            x = block(x, mod, k, v, rope_video, grid)
         shift, scale = (self.scale_shift_table + temb[:, None]).chunk(2, dim=1)
         x = self.proj_out(modulate(self.norm_out(x), shift, scale))  # (B, L, pt*ph*pw*C)
-        T, H, W = grid
         x = x.reshape(B, T, H, W, pt, ph, pw, C)
         x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, T, pt, H, ph, W, pw)
         return x.reshape(B, C, T * pt, H * ph, W * pw)
+
+
+class DiTContextStage(nn.Module):
+    """The `dit_context` stage of `--text-kv` builds: ref_latent, motion -> ref_kv."""
+
+    def __init__(self, dit: WanDiT):
+        super().__init__()
+        self.dit = dit
+
+    def forward(self, ref_latent, motion):
+        return self.dit.reference_kv(ref_latent, motion)
+
+
+class DiTStepStage(nn.Module):
+    """The `dit` stage of `--text-kv` builds: latent, timestep, ref_kv -> velocity."""
+
+    def __init__(self, dit: WanDiT):
+        super().__init__()
+        self.dit = dit
+
+    def forward(self, latent, timestep, ref_kv):
+        return self.dit.step(latent, timestep, ref_kv)

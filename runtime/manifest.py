@@ -36,7 +36,7 @@ from pathlib import Path, PurePosixPath
 
 from runtime.errors import WanError
 from runtime.files import regular_file
-from runtime.stages import STAGE_NAMES, STREAM_STAGE_NAMES, SYMBOLS, Geometry, StageSpec, SymbolRange
+from runtime.stages import CONTEXT_STAGE, STAGE_NAMES, STREAM_STAGE_NAMES, SYMBOLS, Geometry, StageSpec, SymbolRange
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ PRECISIONS = ("fp32", "fp16", "int8")
 # The stages each model family's runtime needs (required, optional). Manifests from before the
 # released-model family have no "family": they are the seed's.
 FAMILY_STAGES = {
-    "seed": (STAGE_NAMES, STREAM_STAGE_NAMES),
+    "seed": (STAGE_NAMES, (*STREAM_STAGE_NAMES, CONTEXT_STAGE)),  # the context stage: --text-kv builds
     "wan": (("text_encoder", "dit", *STREAM_STAGE_NAMES),
             ("vae_encoder", "vae_encoder_first", "vae_encoder_step", "image_encoder", "dit_2",
              "dit_context", "dit_2_context")),  # the context stages: --text-kv builds

@@ -3,7 +3,9 @@
     pipe = Pipeline.from_dir("artifacts/small")           # a SeedPipeline
     pipe.encode_reference(image) -> ref latent             one stage call
     pipe.motion_maps(image, req) -> maps, motion           where the subject goes (runtime/motion.py)
-    pipe.denoise(ref, maps, noise, req) -> latent          the flow-matching loop (one DiT call a step)
+    pipe.denoise(ref, maps, noise, req) -> latent          the flow-matching loop (one DiT call a step;
+                                                           --text-kv builds: the dit_context stage
+                                                           once, for the reference's K/V)
     pipe.decode_video(latent) -> float video
     pipe.generate(image, ...) -> Generation                all of it, with per-stage timings
 
@@ -27,6 +29,7 @@ from runtime.motion import Motion, identity_maps, image_motion_maps
 from runtime.pipeline import Generation, Pipeline, Timings, to_unit
 from runtime.request import MAX_SEED, Request, check_sampler, whole
 from runtime.solvers import SeedSolver, guided, rescale_frames, timestep, with_reference_frame
+from runtime.stages import CONTEXT_STAGE
 
 
 class SeedPipeline(Pipeline):
@@ -71,36 +74,39 @@ class SeedPipeline(Pipeline):
     @property
     def takes_motion(self) -> bool:
         """False for artifacts exported before the DiT had a motion input."""
-        return any(t.name == "motion" for t in self.stages["dit"].spec.inputs)
+        return any(t.name == "motion" for s in self.stages.values() for t in s.spec.inputs)
 
     def motion_maps(self, image: np.ndarray, req: Request) -> tuple[np.ndarray, Motion]:
         """The DiT's motion maps (F, 2, 3) for a reference image, and the motion they describe:
         the request's, or one drawn from its seed (runtime/motion.py)."""
         return image_motion_maps(image, req.motion, req.seed, req.frames, self.manifest.geometry)
 
-    def dit_condition(self, ref_latent, maps, guidance: float) -> dict:
-        """The DiT's condition inputs for every step, built once per video: `ref_latent` and
-        `motion` (maps (F, 2, 3)). With guidance != 1 the conditional and null branches (all-zero
-        reference latent, identity motion) run as one batch-2 call; each branch's latent frame 0
-        is its reference too (`with_reference_frame`)."""
+    def dit_condition(self, ref_latent, maps, guidance: float) -> tuple:
+        """What the DiT is conditioned on at every step, built once per video: the reference
+        latent per branch (for `with_reference_frame`) and the DiT's condition inputs,
+        `ref_latent` and `motion` (maps (F, 2, 3)), or in --text-kv builds the `ref_kv` the
+        context stage makes of them. With guidance != 1 the conditional and null branches
+        (all-zero reference latent, identity motion) run as one batch-2 call."""
         xp = self.xp
         motion = self.backend.to_device(np.ascontiguousarray(maps[None]))  # (1, F, 2, 3)
         if guidance != 1.0:
             ref_latent = xp.concatenate([ref_latent, xp.zeros_like(ref_latent)])
             still = self.backend.to_device(identity_maps(maps.shape[0])[None])
             motion = xp.concatenate([motion, still])
-        if not self.takes_motion:
-            return {"ref_latent": ref_latent}
-        return {"ref_latent": ref_latent, "motion": motion}
+        inputs = {"ref_latent": ref_latent, "motion": motion} if self.takes_motion else {"ref_latent": ref_latent}
+        if CONTEXT_STAGE in self.stages:
+            inputs = self.stages[CONTEXT_STAGE](**inputs)  # {"ref_kv": (B, 2 * layers, F, H, W, D)}
+        return ref_latent, inputs
 
-    def velocity(self, x, sigma: float, condition: dict, guidance: float, rescale: float = 0.0):
-        """One DiT call; `condition` from `dit_condition`; `rescale`: see `solvers.rescale_frames`."""
+    def velocity(self, x, sigma: float, condition: tuple, guidance: float, rescale: float = 0.0):
+        """One DiT call; `condition` from `dit_condition`; `rescale`: see `solvers.rescale_frames`.
+        Each branch's latent frame 0 is its reference (`with_reference_frame`)."""
         dit, xp = self.stages["dit"], self.xp
-        ref = condition["ref_latent"]
+        ref, inputs = condition
         batch = ref.shape[0]
         t = xp.full((batch,), timestep(sigma), dtype=xp.float32)
         latent = x if batch == 1 else with_reference_frame(xp.concatenate([x] * batch), ref)
-        v = dit(latent=latent, timestep=t, **condition)["velocity"]
+        v = dit(latent=latent, timestep=t, **inputs)["velocity"]
         if batch == 1:
             return v
         v_guided = guided(v[:1], v[1:], guidance)

@@ -224,22 +224,31 @@ class SymbolRange:
 
 
 STAGE_NAMES = ("vae_encoder", "dit", "vae_decoder")
+# `--text-kv` builds: the reference's cross-attention keys and values, once per video.
+CONTEXT_STAGE = "dit_context"
 # The streaming decoder: the chunk holding latent frame 0 (1 video frame), then one latent
 # frame per call (4 video frames), with the causal convs' time context passed as tensors.
 STREAM_STAGE_NAMES = ("vae_decoder_first", "vae_decoder_step")
 
 
-def stage_specs(geom: Geometry) -> dict[str, StageSpec]:
-    """The three stages' I/O, derived from the model geometry."""
+def stage_specs(geom: Geometry, text_kv: tuple[int, int] | None = None) -> dict[str, StageSpec]:
+    """The three stages' I/O, derived from the model geometry. `text_kv` (the DiT's layers and
+    dim) adds the context stage, and the step takes its keys and values in place of the
+    reference latent and the motion."""
     ph, pw = geom.patch
     sh, sw = geom.pixels_per_token
     ts = geom.temporal_stride
     B, C = Dim("B"), Dim.fixed(geom.latent_channels)
     video = (B, Dim.fixed(3), Dim("F", ts, 1 - ts), Dim("Hp", sh), Dim("Wp", sw))
     latent = (B, C, Dim("F"), Dim("Hp", ph), Dim("Wp", pw))
-    ref_latent = (B, C, Dim.fixed(1), Dim("Hp", ph), Dim("Wp", pw))
     unit = (-1.0, 1.0)
-    return {
+    reference = (
+        TensorSpec("ref_latent", (B, C, Dim.fixed(1), Dim("Hp", ph), Dim("Wp", pw))),
+        # Per latent frame, the affine map of the token grid that carries the reference's
+        # content there (runtime/motion.py); identity maps: it stays where it is.
+        TensorSpec("motion", (B, Dim("F"), Dim.fixed(2), Dim.fixed(3))),
+    )
+    specs = {
         "vae_encoder": StageSpec(
             "vae_encoder",
             inputs=(TensorSpec("video", video, value_range=unit),),
@@ -247,14 +256,8 @@ def stage_specs(geom: Geometry) -> dict[str, StageSpec]:
         ),
         "dit": StageSpec(
             "dit",
-            inputs=(
-                TensorSpec("latent", latent),
-                TensorSpec("timestep", (B,), value_range=(0.0, 1000.0)),
-                TensorSpec("ref_latent", ref_latent),
-                # Per latent frame, the affine map of the token grid that carries the reference's
-                # content there (runtime/motion.py); identity maps: it stays where it is.
-                TensorSpec("motion", (B, Dim("F"), Dim.fixed(2), Dim.fixed(3))),
-            ),
+            inputs=(TensorSpec("latent", latent), TensorSpec("timestep", (B,), value_range=(0.0, 1000.0)),
+                    *reference),
             outputs=(TensorSpec("velocity", latent),),
         ),
         "vae_decoder": StageSpec(
@@ -263,6 +266,16 @@ def stage_specs(geom: Geometry) -> dict[str, StageSpec]:
             outputs=(TensorSpec("video", video, value_range=unit),),
         ),
     }
+    if text_kv is None:
+        return specs
+    layers, dim = text_kv
+    # k then v of each block, per latent frame and reference token (export/dit.py reference_kv)
+    ref_kv = TensorSpec("ref_kv", (B, Dim.fixed(2 * layers), Dim("F"), Dim("Hp"), Dim("Wp"), Dim.fixed(dim)))
+    step = specs["dit"]
+    return {"vae_encoder": specs["vae_encoder"],
+            CONTEXT_STAGE: StageSpec(CONTEXT_STAGE, reference, (ref_kv,)),
+            "dit": StageSpec("dit", (*step.inputs[:2], ref_kv), step.outputs),
+            "vae_decoder": specs["vae_decoder"]}
 
 
 def _caches(cache_layout: list[tuple[int, int, int]]) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:

@@ -47,10 +47,12 @@ def run_cli(*args, cwd=None, **kwargs) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="session")
 def cli_export(tmp_path_factory):
-    """`wan-export --preset tiny --attention full` run as a user would (into a new folder);
-    the full-attention artifacts of the parity tests are this build."""
+    """`wan-export --preset tiny --attention full --text-kv --precision int8` run as a user would
+    (into a new folder); the full-attention artifacts of the parity tests are this build, so they
+    check the reference K/V computed once per video (the factorized build computes them in the step)."""
     out = tmp_path_factory.mktemp("cli") / "new" / "tiny-full"
-    return run_cli("wan-export", "--preset", "tiny", "--attention", "full", "--out", out), out
+    return run_cli("wan-export", "--preset", "tiny", "--attention", "full", "--text-kv", "--precision", "int8",
+                   "--out", out), out
 
 
 @pytest.fixture(scope="session")

@@ -80,7 +80,7 @@ def test_wan_export_happy_path(cli_export):
     r, out = cli_export  # into a folder whose parents did not exist
     assert r.returncode == 0, r.stderr
     assert (out / "manifest.json").is_file() and "full attention" in r.stdout
-    assert "[6/6] vae_decoder_step" in r.stderr  # progress per graph
+    assert "[7/7] vae_decoder_step" in r.stderr  # progress per graph (+ the --text-kv context stage)
     assert "dit (ONNX Runtime kernels)" in r.stderr
 
 

@@ -99,8 +99,8 @@ def test_artifacts_without_a_motion_input_still_run(tiny_dir, reference_image, m
     req = pipe.check_request(frames=5, steps=1)
     maps, _ = pipe.motion_maps(reference_image, req)
     ref = pipe.encode_reference(reference_image)
-    assert set(pipe.dit_condition(ref, maps, 2.0)) == {"ref_latent", "motion"}
+    assert set(pipe.dit_condition(ref, maps, 2.0)[1]) == {"ref_latent", "motion"}
     monkeypatch.setattr(type(pipe), "takes_motion", property(lambda self: False))
-    assert set(pipe.dit_condition(ref, maps, 2.0)) == {"ref_latent"}
+    assert set(pipe.dit_condition(ref, maps, 2.0)[1]) == {"ref_latent"}
     with pytest.raises(WanError, match="no motion input"):
         pipe.check_request(motion=M.Motion())

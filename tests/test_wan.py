@@ -257,7 +257,7 @@ def test_reduced_precision_video(wan_artifacts, precision, bar):
 
 
 def test_released_only_export_flags(tmp_path):
-    for flag in ("--text-kv", "--fused-attention"):
+    for flag in ("--fused-attention",):  # --text-kv is for both families
         r = run_cli("wan-export", "--preset", "tiny", "--out", tmp_path / "x", flag)
         assert r.returncode == 2
         one_line_error(r, f"{flag} is for released models: it goes with --model")
