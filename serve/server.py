@@ -238,6 +238,13 @@ class ServerProcess:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
             return r.read().decode()
 
+    def _metrics_up(self) -> bool:
+        try:
+            self.metrics()
+            return True
+        except OSError:
+            return False
+
     def start(self) -> "ServerProcess":
         import time
 
@@ -254,7 +261,9 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 self._log.close()
                 raise WanError(f"wan-serve start exited with code {self.proc.returncode}; log: {self.log_path}")
-            if self.http("/v2/health/ready")[0] == 200:
+            # Triton opens its metrics port after the HTTP one: a ready answer alone left a window
+            # (seen on a loaded CI host) in which /metrics still refused the connection.
+            if self.http("/v2/health/ready")[0] == 200 and self._metrics_up():
                 return self
             time.sleep(0.25)
         self.stop()

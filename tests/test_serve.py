@@ -390,6 +390,27 @@ def test_killed_server_restarts_and_tampered_repository_is_refused(triton, tiny_
     assert "does not match its sha256" in text and "dit.ort.onnx.data" in text
 
 
+def test_text_kv_build_through_the_server(triton, exported, ref_png, tmp_path):
+    """The seed family's --text-kv build (the CLI's full-attention int8 one): its dit_context stage
+    is a Triton model too, called once per video; the frames are the local run's."""
+    artifacts = exported("full")
+    repo = write_repository(artifacts, tmp_path / "repo", RepoSettings(concurrency=1, precision="int8"))
+    assert (repo / "dit_context" / "config.pbtxt").is_file()
+    opts = Options(image=str(ref_png), steps=STEPS, seed=4, move="0.2,0.1")
+    expected = local_frames(Pipeline.from_dir(artifacts, precision="int8"), opts)
+    server = triton(repo, name="seed-kv")
+
+    def requests(model):
+        return sum(float(x.split()[-1]) for x in server.metrics().splitlines()
+                   if x.startswith("nv_inference_request_success") and f'model="{model}"' in x)
+
+    try:
+        np.testing.assert_array_equal(remote_frames(server.grpc_url, opts), expected)
+        assert (requests("dit_context"), requests("dit")) == (1, STEPS)
+    finally:
+        server.stop()
+
+
 # --- the Wan family through the server ------------------------------------------------------------
 
 
