@@ -7,8 +7,9 @@ DIR/results.png. All implementations run on the same inputs in this process, bac
 with warm-up calls before the timed runs. Two parts:
 
     small   the project's model (--preset): the reference encode (1 frame), one DiT step (batch
-            2: CFG), the whole-clip decode, the streaming decode, the whole pipeline, step
-            caching (bench/step_cache.py) and decode memory
+            2: CFG; also on a --text-kv build, with its context call), the whole-clip decode,
+            the streaming decode, the whole pipeline, step caching (bench/step_cache.py) and
+            decode memory
     wan     a Wan2.1-1.3B-shaped model with 2 of its 30 layers against diffusers
             (bench/wan_width.py): the DiT step, the --text-kv context and end to end
 """
@@ -32,12 +33,13 @@ from bench.measure import decode_peak_rss_mb, flops, matmul_peak_gflops, timed
 from bench.step_cache import cache_table, cache_records
 from export.calibration import reference_image
 from export.config import get_preset
-from export.dit import WanDiT
+from export.dit import DiTStepStage, WanDiT
 from export.pipeline import ReferencePipeline
 from export.vae import VAEDecoderStage, VAEEncoderStage
 from export.weights import build_models
 from runtime import Pipeline
 from runtime.backends import OnnxRuntimeBackend
+from runtime.stages import CONTEXT_STAGE
 
 log = logging.getLogger("bench")
 
@@ -53,8 +55,12 @@ def stage_inputs(pipe: Pipeline, cfg) -> dict[str, dict[str, np.ndarray]]:
     }
 
 
-def run(cfg, artifacts: Path, runs: int, compile_: bool, rss_frames: tuple[int, ...], peak: float) -> list[dict]:
+def run(cfg, artifacts: Path, runs: int, compile_: bool, rss_frames: tuple[int, ...], peak: float,
+        kv_artifacts: Path | None = None) -> list[dict]:
     records: list[dict] = []
+    kv = Pipeline.from_dir(kv_artifacts) if kv_artifacts is not None else None
+    if kv is not None and CONTEXT_STAGE not in kv.stages:
+        raise click.UsageError(f"--kv-artifacts {kv_artifacts} was not built with --text-kv")
     vae, dit = build_models(cfg)
     modules = {"vae_encoder": VAEEncoderStage(vae), "dit": dit, "vae_decoder": VAEDecoderStage(vae)}
     pipes = {p: Pipeline.from_dir(artifacts, precision=p) for p in Pipeline.from_dir(artifacts).manifest.precisions()}
@@ -62,11 +68,12 @@ def run(cfg, artifacts: Path, runs: int, compile_: bool, rss_frames: tuple[int, 
     shapes = {n: {k: list(a.shape) for k, a in x.items()} for n, x in inputs.items()}
     counted = {n: flops(modules[n], *(torch.from_numpy(a) for a in inputs[n].values())) for n in inputs}
 
-    def record(stage, impl, t, **extra):
+    def record(stage, impl, t, counted_as=None, **extra):
         r = {"stage": stage, "impl": impl, **t, **extra}
-        if stage in counted:
-            r.update(gflop=counted[stage] / 1e9, achieved_gflops=counted[stage] / 1e6 / t["median_ms"],
-                     peak_gflops=peak, shapes=shapes[stage])
+        key = counted_as or stage
+        if key in counted:
+            r.update(gflop=counted[key] / 1e9, achieved_gflops=counted[key] / 1e6 / t["median_ms"],
+                     peak_gflops=peak, shapes=shapes[key])
         records.append(r)
         log.info("%-12s %-14s %9.1f ms", stage, impl, t["median_ms"])
 
@@ -99,6 +106,14 @@ def run(cfg, artifacts: Path, runs: int, compile_: bool, rss_frames: tuple[int, 
         latent = inputs["vae_decoder"]["latent"]
         t = timed(lambda: list(pipe.decode_stream(latent)), runs=runs)
         records.append({"stage": "vae_decoder", "impl": f"ort-{p}-stream", **t, "shapes": shapes["vae_decoder"]})
+    if kv is not None:  # --text-kv: the same step on reference K/V made once (the context timed apart)
+        reference = {k: inputs["dit"][k] for k in ("ref_latent", "motion")}
+        kv_feed = {"latent": inputs["dit"]["latent"], "timestep": inputs["dit"]["timestep"],
+                   **kv.stages[CONTEXT_STAGE](**reference)}
+        shapes["dit_kv"] = {k: list(a.shape) for k, a in kv_feed.items()}
+        counted["dit_kv"] = flops(DiTStepStage(dit), *(torch.from_numpy(a) for a in kv_feed.values()))
+        record("dit", "ort-fp32-kv", timed(lambda: kv.stages["dit"](**kv_feed), runs=runs), counted_as="dit_kv")
+        record(CONTEXT_STAGE, "ort-fp32", timed(lambda: kv.stages[CONTEXT_STAGE](**reference), runs=runs))
 
     # end to end: reference image -> video at the preset's defaults, same noise everywhere
     v, s = cfg.video, cfg.sampler
@@ -113,6 +128,8 @@ def run(cfg, artifacts: Path, runs: int, compile_: bool, rss_frames: tuple[int, 
     record("end_to_end", "torch-eager", timed(torch_e2e, runs=runs), shapes=e2e_shape)
     for p, pipe in pipes.items():
         record("end_to_end", f"ort-{p}", timed(lambda: pipe(image, noise=noise), runs=runs), shapes=e2e_shape)
+    if kv is not None:
+        record("end_to_end", "ort-fp32-kv", timed(lambda: kv(image, noise=noise), runs=runs), shapes=e2e_shape)
     # step caching: quality against the uncached video over four references (seeds 10..13)
     requests = [{"image": reference_image(10 + i, v.height, v.width), "seed": i} for i in range(4)]
     for r in cache_records(pipes["fp32"].generate, requests, runs, model=cfg.name, shapes=e2e_shape):
@@ -327,7 +344,8 @@ HELP = """Time every stage in PyTorch / diffusers and in the runtime; write resu
 \b
 Parts (--part; default: all):
   small  the project's model (--preset), its fp32/fp16/int8 artifacts built first unless
-         --artifacts is given; step caching on four references
+         --artifacts is given, and an fp32 --text-kv build unless --kv-artifacts is given
+         (about 3 minutes more; --no-kv skips it); step caching on four references
   wan    a Wan2.1-1.3B-shaped transformer (2 of 30 layers, random weights) against diffusers:
          builds it plain and with --text-kv (both --fused-attention) at fp32 + int8, then
          times the DiT step, the context graph and end to end (6 steps, 17x128x128), with
@@ -343,12 +361,16 @@ Parts (--part; default: all):
 @click.option("--artifacts", type=click.Path(path_type=Path),
               help="The small part: an artifact directory of the preset (default: built into a temporary "
                    "folder with fp32, fp16 and int8).")
+@click.option("--kv-artifacts", type=click.Path(path_type=Path),
+              help="The small part: a --text-kv artifact directory of the preset (default: built, fp32).")
+@click.option("--kv/--no-kv", default=True, show_default=True,
+              help="The small part: also time the --text-kv step, its context call and end to end.")
 @click.option("--runs", default=5, show_default=True, help="Timed runs per measurement (after warm-up).")
 @click.option("--wan-runs", default=3, show_default=True, help="Timed runs per measurement in the wan part.")
 @click.option("--compile/--no-compile", "compile_", default=True, show_default=True,
               help="Also time torch.compile (inductor needs a C++ compiler).")
 @click.option("--rss-frames", default="17,33,65", show_default=True, help="Clip lengths for decode memory.")
-def main(part, preset, out, artifacts, runs, wan_runs, compile_, rss_frames):
+def main(part, preset, out, artifacts, kv_artifacts, kv, runs, wan_runs, compile_, rss_frames):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = get_preset(preset)
     out.mkdir(parents=True, exist_ok=True)
@@ -357,13 +379,16 @@ def main(part, preset, out, artifacts, runs, wan_runs, compile_, rss_frames):
     log.info("matmul peak: %.0f GFLOP/s", peak)
     records: list[dict] = []
     if part in ("all", "small"):
+        from export.build import build_artifacts
+
         with tempfile.TemporaryDirectory() as tmp:
             if artifacts is None:
-                from export.build import build_artifacts
-
                 artifacts = Path(tmp) / preset
                 build_artifacts(cfg, artifacts, precisions=("fp32", "fp16", "int8"))
-            records += run(cfg, artifacts, runs, compile_, frames, peak)
+            if kv and kv_artifacts is None:
+                kv_artifacts = Path(tmp) / f"{preset}-kv"
+                build_artifacts(cfg, kv_artifacts, text_kv=True)
+            records += run(cfg, artifacts, runs, compile_, frames, peak, kv_artifacts if kv else None)
     if part in ("all", "wan"):
         from tqdm import tqdm
 

@@ -78,7 +78,7 @@ def build_artifacts(cfg: ModelConfig, out: str | Path, checkpoint: str | Path | 
     precisions = tuple(p for p in PRECISIONS if p in precisions or p == "fp32")  # fp32 is the base
     if engines is not None:
         resolve_flavour(engines.flavour)  # fail before the slow work
-        for name in (*STAGE_NAMES, *STREAM_STAGE_NAMES, *((CONTEXT_STAGE,) if text_kv else ())):
+        for name in (*stage_specs(cfg.geometry, kv_dims(cfg, text_kv)), *STREAM_STAGE_NAMES):
             symbol_profile(engines, cfg.geometry, name, cfg.symbol_ranges())
     with ArtifactWriter(out, force) as writer:  # checks `out` before any slow work
         vae, dit = build_models(cfg, checkpoint)
@@ -126,6 +126,11 @@ def weights_record(cfg: ModelConfig, checkpoint: str | Path | None) -> dict:
             "sha256": sha256_file(path)}
 
 
+def kv_dims(cfg: ModelConfig, text_kv: bool) -> tuple[int, int] | None:
+    """What `stage_specs` needs for a --text-kv build (the DiT's layers and dim), else None."""
+    return (cfg.dit.num_layers, cfg.dit.dim) if text_kv else None
+
+
 def export_fp32(cfg: ModelConfig, vae, dit, writer: ArtifactWriter, opset: int,
                 text_kv: bool = False) -> dict[str, Stage]:
     """The three stages plus the streaming decoder's two (and with `text_kv` the context stage),
@@ -134,10 +139,11 @@ def export_fp32(cfg: ModelConfig, vae, dit, writer: ArtifactWriter, opset: int,
     fused_dit = WanDiT(cfg.dit, cfg.vae.z_dim, kernels=ONNX_RUNTIME).eval()
     fused_dit.load_state_dict(dit.state_dict())
     step, fused_step = (DiTStepStage(dit), DiTStepStage(fused_dit)) if text_kv else (dit, fused_dit)
-    modules = {"vae_encoder": VAEEncoderStage(vae), CONTEXT_STAGE: DiTContextStage(dit), "dit": step,
-               "vae_decoder": VAEDecoderStage(vae), "vae_decoder_first": VAEDecoderFirstStage(vae),
-               "vae_decoder_step": VAEDecoderStepStage(vae)}
-    specs = {**stage_specs(cfg.geometry, (cfg.dit.num_layers, cfg.dit.dim) if text_kv else None),
+    modules = {"vae_encoder": VAEEncoderStage(vae), "dit": step, "vae_decoder": VAEDecoderStage(vae),
+               "vae_decoder_first": VAEDecoderFirstStage(vae), "vae_decoder_step": VAEDecoderStepStage(vae)}
+    if text_kv:
+        modules[CONTEXT_STAGE] = DiTContextStage(dit)
+    specs = {**stage_specs(cfg.geometry, kv_dims(cfg, text_kv)),
              **stream_decoder_specs(cfg.geometry, decoder_cache_layout(vae))}
     graphs = []  # (stage, module, path, custom-op translations)
     for name in specs:
