@@ -33,12 +33,14 @@ from bench.measure import decode_peak_rss_mb, flops, matmul_peak_gflops, timed
 from bench.step_cache import cache_table, cache_records
 from export.calibration import reference_image
 from export.config import get_preset
-from export.dit import DiTStepStage, WanDiT
+from export.dit import WanDiT, stage_view
 from export.pipeline import ReferencePipeline
 from export.vae import VAEDecoderStage, VAEEncoderStage
 from export.weights import build_models
 from runtime import Pipeline
 from runtime.backends import OnnxRuntimeBackend
+from runtime.errors import WanError
+from runtime.manifest import load_manifest
 from runtime.stages import CONTEXT_STAGE
 
 log = logging.getLogger("bench")
@@ -58,9 +60,7 @@ def stage_inputs(pipe: Pipeline, cfg) -> dict[str, dict[str, np.ndarray]]:
 def run(cfg, artifacts: Path, runs: int, compile_: bool, rss_frames: tuple[int, ...], peak: float,
         kv_artifacts: Path | None = None) -> list[dict]:
     records: list[dict] = []
-    kv = Pipeline.from_dir(kv_artifacts) if kv_artifacts is not None else None
-    if kv is not None and CONTEXT_STAGE not in kv.stages:
-        raise click.UsageError(f"--kv-artifacts {kv_artifacts} was not built with --text-kv")
+    kv = Pipeline.from_dir(kv_artifacts) if kv_artifacts is not None else None  # (checked in main)
     vae, dit = build_models(cfg)
     modules = {"vae_encoder": VAEEncoderStage(vae), "dit": dit, "vae_decoder": VAEDecoderStage(vae)}
     pipes = {p: Pipeline.from_dir(artifacts, precision=p) for p in Pipeline.from_dir(artifacts).manifest.precisions()}
@@ -111,7 +111,7 @@ def run(cfg, artifacts: Path, runs: int, compile_: bool, rss_frames: tuple[int, 
         kv_feed = {"latent": inputs["dit"]["latent"], "timestep": inputs["dit"]["timestep"],
                    **kv.stages[CONTEXT_STAGE](**reference)}
         shapes["dit_kv"] = {k: list(a.shape) for k, a in kv_feed.items()}
-        counted["dit_kv"] = flops(DiTStepStage(dit), *(torch.from_numpy(a) for a in kv_feed.values()))
+        counted["dit_kv"] = flops(stage_view(dit, "step"), *(torch.from_numpy(a) for a in kv_feed.values()))
         record("dit", "ort-fp32-kv", timed(lambda: kv.stages["dit"](**kv_feed), runs=runs), counted_as="dit_kv")
         record(CONTEXT_STAGE, "ort-fp32", timed(lambda: kv.stages[CONTEXT_STAGE](**reference), runs=runs))
 
@@ -358,10 +358,10 @@ Parts (--part; default: all):
               help="Which part to run (see above).")
 @click.option("--preset", default="small", show_default=True, help="The small part's preset.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for results.json/.md/.png.")
-@click.option("--artifacts", type=click.Path(path_type=Path),
+@click.option("--artifacts", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="The small part: an artifact directory of the preset (default: built into a temporary "
                    "folder with fp32, fp16 and int8).")
-@click.option("--kv-artifacts", type=click.Path(path_type=Path),
+@click.option("--kv-artifacts", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="The small part: a --text-kv artifact directory of the preset (default: built, fp32).")
 @click.option("--kv/--no-kv", default=True, show_default=True,
               help="The small part: also time the --text-kv step, its context call and end to end.")
@@ -372,6 +372,15 @@ Parts (--part; default: all):
 @click.option("--rss-frames", default="17,33,65", show_default=True, help="Clip lengths for decode memory.")
 def main(part, preset, out, artifacts, kv_artifacts, kv, runs, wan_runs, compile_, rss_frames):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if kv_artifacts is not None and not kv:
+        raise click.UsageError("--kv-artifacts and --no-kv contradict each other")
+    if kv_artifacts is not None:  # before minutes of building
+        try:
+            stages = load_manifest(kv_artifacts, verify="none").stages
+        except WanError as exc:
+            raise click.UsageError(f"--kv-artifacts: {exc}") from None
+        if CONTEXT_STAGE not in stages:
+            raise click.UsageError(f"--kv-artifacts {kv_artifacts} was not built with --text-kv")
     cfg = get_preset(preset)
     out.mkdir(parents=True, exist_ok=True)
     frames = tuple(int(f) for f in rss_frames.split(","))

@@ -21,12 +21,6 @@ from runtime.stages import Geometry, StageSpec, SymbolRange
 log = logging.getLogger(__name__)
 
 FLAVOURS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}  # flavour -> module
-STAGE_BATCH = {"vae_encoder": (1, 1, 1), "dit": (1, 2, 2), "vae_decoder": (1, 1, 1),  # CFG: 2
-               "vae_decoder_first": (1, 1, 1), "vae_decoder_step": (1, 1, 1),
-               "vae_encoder_first": (1, 1, 1), "vae_encoder_step": (1, 1, 1),  # I2V's condition video
-               "dit_2": (1, 2, 2), "image_encoder": (1, 1, 1),  # A14B's second expert, Wan2.1 I2V's CLIP
-               "text_encoder": (1, 2, 2),  # prompt and negative prompt
-               "dit_context": (1, 2, 2), "dit_2_context": (1, 2, 2)}  # --text-kv: the DiT's own batch
 
 
 @dataclass(frozen=True)
@@ -91,19 +85,19 @@ def _trt(flavour: str):
     return ptrt, importlib.import_module(FLAVOURS[flavour])
 
 
-def symbol_profile(opts: EngineOptions, geom: Geometry, stage: str,
+def symbol_profile(opts: EngineOptions, geom: Geometry, batch: int,
                    exported: dict[str, SymbolRange]) -> dict[str, SymbolRange]:
     """Symbol ranges of one stage's engine from the user's video shapes, checked against the
-    range the graph was exported for."""
+    range the graph was exported for; the batch runs from 1 to the stage's `StageSpec.batch`."""
     shapes = (opts.min_shape, opts.opt_shape, opts.max_shape)
     envs = []
-    for s, batch in zip(shapes, STAGE_BATCH[stage]):
+    for s, b in zip(shapes, (1, batch, batch)):
         if geom.frames_to_latent(s.frames) is None:
             raise WanError(f"engine shape {s}: frames {s.frames} must be {geom.temporal_stride}n+1")
         ph, pw = geom.pixels_per_token
         if s.height % ph or s.width % pw:
             raise WanError(f"engine shape {s}: height and width must be multiples of {ph}")
-        envs.append(geom.env(batch, s.frames, s.height, s.width))
+        envs.append(geom.env(b, s.frames, s.height, s.width))
     out = {}
     for sym in envs[0]:
         lo, opt, hi = (e[sym] for e in envs)

@@ -29,14 +29,14 @@ from engines.artifacts import ArtifactWriter
 from engines.tensorrt import EngineOptions, build_engine, resolve_flavour, symbol_profile
 from export.calibration import CalibrationConfig, capture, reference_image
 from export.config import ModelConfig
-from export.dit import DiTContextStage, DiTStepStage, WanDiT
+from export.dit import WanDiT, stage_view
 from export.kernels import CONTRIB_DOMAIN, CONTRIB_OPS, ONNX_RUNTIME, onnx_runtime_translations
 from export.onnx_export import DEFAULT_OPSET, export_stage, validate_stage
 from export.vae import (VAEDecoderFirstStage, VAEDecoderStage, VAEDecoderStepStage, VAEEncoderStage,
                         decoder_cache_layout)
 from export.weights import build_models, default_checkpoint
 from runtime.backends import OnnxRuntimeBackend, available_providers
-from runtime.errors import WanError
+from runtime.errors import WanError, raise_if_terminated
 from runtime.manifest import PRECISIONS, Artifact, Manifest, Stage, sha256_file
 from runtime.pipeline import Pipeline
 from runtime.stages import CONTEXT_STAGE, STAGE_NAMES, STREAM_STAGE_NAMES, stage_specs, stream_decoder_specs
@@ -78,8 +78,8 @@ def build_artifacts(cfg: ModelConfig, out: str | Path, checkpoint: str | Path | 
     precisions = tuple(p for p in PRECISIONS if p in precisions or p == "fp32")  # fp32 is the base
     if engines is not None:
         resolve_flavour(engines.flavour)  # fail before the slow work
-        for name in (*stage_specs(cfg.geometry, kv_dims(cfg, text_kv)), *STREAM_STAGE_NAMES):
-            symbol_profile(engines, cfg.geometry, name, cfg.symbol_ranges())
+        for spec in stage_specs(cfg.geometry, kv_dims(cfg, text_kv)).values():  # the stream stages: batch 1 too
+            symbol_profile(engines, cfg.geometry, spec.batch, cfg.symbol_ranges())
     with ArtifactWriter(out, force) as writer:  # checks `out` before any slow work
         vae, dit = build_models(cfg, checkpoint)
         stages = export_fp32(cfg, vae, dit, writer, opset, text_kv)
@@ -138,11 +138,11 @@ def export_fp32(cfg: ModelConfig, vae, dit, writer: ArtifactWriter, opset: int,
     kernels (export/kernels.py)."""
     fused_dit = WanDiT(cfg.dit, cfg.vae.z_dim, kernels=ONNX_RUNTIME).eval()
     fused_dit.load_state_dict(dit.state_dict())
-    step, fused_step = (DiTStepStage(dit), DiTStepStage(fused_dit)) if text_kv else (dit, fused_dit)
+    step, fused_step = (stage_view(dit, "step"), stage_view(fused_dit, "step")) if text_kv else (dit, fused_dit)
     modules = {"vae_encoder": VAEEncoderStage(vae), "dit": step, "vae_decoder": VAEDecoderStage(vae),
                "vae_decoder_first": VAEDecoderFirstStage(vae), "vae_decoder_step": VAEDecoderStepStage(vae)}
     if text_kv:
-        modules[CONTEXT_STAGE] = DiTContextStage(dit)
+        modules[CONTEXT_STAGE] = stage_view(dit, "reference_kv")
     specs = {**stage_specs(cfg.geometry, kv_dims(cfg, text_kv)),
              **stream_decoder_specs(cfg.geometry, decoder_cache_layout(vae))}
     graphs = []  # (stage, module, path, custom-op translations)
@@ -183,6 +183,7 @@ def export_checked(label: str, module, spec, symbols, path: Path, opset: int,
                    translations: dict | None = None) -> dict:
     """Export one graph, check it against PyTorch at two shapes, and refuse it over tolerance:
     the one export step of every model family. Returns the validation record."""
+    raise_if_terminated()
     t0 = time.perf_counter()
     log.info("%s: exporting", label)
     export_stage(module, spec, symbols, path, opset, translations)
@@ -358,7 +359,7 @@ def build_engines(manifest: Manifest, root: Path, opts: EngineOptions, precision
             if art.path not in built:
                 plan = f"engines/{p}/{name}.plan"
                 log.info("[tensorrt] %s %s", p, name)
-                symbols = symbol_profile(opts, manifest.geometry, name, manifest.symbols)
+                symbols = symbol_profile(opts, manifest.geometry, manifest.stages[name].spec.batch, manifest.symbols)
                 built[art.path] = {"path": plan, **build_engine(
                     root / art.path, root / plan, manifest.stages[name].spec, symbols, opts, Path(cache))}
             manifest.stages[name].artifacts[p] = dataclasses.replace(art, engine=built[art.path])

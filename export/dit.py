@@ -24,6 +24,7 @@ at its own (h, w). The CFG null condition is the embedding of an all-zero refere
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -268,7 +269,8 @@ class WanDiT(nn.Module):
         """latent (B, C, F, h, w), timestep (B,) in [0, 1000], ref_latent (B, C, 1, h, w),
         motion (B, F, 2, 3) (runtime/motion.py) -> velocity (B, C, F, h, w), the
         flow-matching target noise - x0."""
-        return self.step(latent, timestep, self.reference_kv(ref_latent, motion))
+        # each block's K/V go straight to it: no stack (a copy of all of them) in the plain graph
+        return self._step(latent, timestep, self._block_kv(ref_latent, motion))
 
     def reference_kv(self, ref_latent, motion):
         """What the reference contributes to a step, which no step changes: ref_latent
@@ -276,18 +278,32 @@ class WanDiT(nn.Module):
         block's cross-attention keys (rotated to where each frame's map puts them) and values
         (copied per frame), k then v for each block. `--text-kv` builds run this once per video
         (the `dit_context` stage) and `step` at every step."""
-        cfg, Fr = self.cfg, motion.shape[1]
-        context = self.condition_embedder.ref_embedder(ref_latent)  # (B, H*W, D)
         B, _, _, h, w = ref_latent.shape
-        grid = (Fr, h // cfg.patch_size[1], w // cfg.patch_size[2])
-        rope_ref = reference_rope(motion, grid, cfg.head_dim, cfg.rope_theta)  # (B*F, H*W, d/2)
-        kv = [t.reshape(B, *grid, cfg.dim)  # (B*F, H*W, D) -> (B, F, H, W, D)
-              for block in self.blocks for t in block.attn2.reference_kv(context, rope_ref, Fr)]
+        grid = (motion.shape[1], h // self.cfg.patch_size[1], w // self.cfg.patch_size[2])
+        kv = [t.reshape(B, *grid, self.cfg.dim)  # (B*F, H*W, D) -> (B, F, H, W, D)
+              for pair in self._block_kv(ref_latent, motion) for t in pair]
         return torch.stack(kv, dim=1)  # (B, 2L, F, H, W, D)
 
     def step(self, latent, timestep, ref_kv):
         """One denoising step from the reference's keys and values (`reference_kv`):
         latent (B, C, F, h, w), timestep (B,), ref_kv (B, 2 * layers, F, H, W, D) -> velocity."""
+        B, _, Fr, H, W, D = ref_kv.shape
+        kv = ref_kv.reshape(B, 2 * self.cfg.num_layers, Fr * H * W, D)  # (B, 2L, F*Lr, D)
+        pairs = [tuple(kv[:, 2 * i + j].reshape(B * Fr, H * W, D) for j in (0, 1))  # (B*F, Lr, D)
+                 for i in range(self.cfg.num_layers)]
+        return self._step(latent, timestep, pairs)
+
+    def _block_kv(self, ref_latent, motion) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(k, v) of each block's cross-attention, each (B*F, H*W, D)."""
+        cfg, Fr = self.cfg, motion.shape[1]
+        context = self.condition_embedder.ref_embedder(ref_latent)  # (B, H*W, D)
+        _, _, _, h, w = ref_latent.shape
+        grid = (Fr, h // cfg.patch_size[1], w // cfg.patch_size[2])
+        rope_ref = reference_rope(motion, grid, cfg.head_dim, cfg.rope_theta)  # (B*F, H*W, d/2)
+        return [block.attn2.reference_kv(context, rope_ref, Fr) for block in self.blocks]
+
+    def _step(self, latent, timestep, pairs):
+        """The step from each block's (k, v), (B*F, H*W, D) each."""
         B, C, Fr, h, w = latent.shape
         pt, ph, pw = self.cfg.patch_size
         cfg, emb = self.cfg, self.condition_embedder
@@ -298,9 +314,7 @@ class WanDiT(nn.Module):
         temb = emb.time_embedder(timestep_features(timestep, cfg.freq_dim))  # (B, D)
         mod = emb.time_proj(F.silu(temb)).unflatten(1, (emb.n_mod, cfg.dim))  # (B, n_mod, D)
         rope_video = rope_tables(grid, cfg.head_dim, cfg.rope_theta)
-        kv = ref_kv.reshape(B, 2 * cfg.num_layers, T, H * W, cfg.dim)  # (B, 2L, T, Lr, D)
-        for i, block in enumerate(self.blocks):
-            k, v = (kv[:, 2 * i + j].reshape(B * T, H * W, cfg.dim) for j in (0, 1))  # (B*T, Lr, D)
+        for block, (k, v) in zip(self.blocks, pairs):
             x = block(x, mod, k, v, rope_video, grid)
         shift, scale = (self.scale_shift_table + temb[:, None]).chunk(2, dim=1)
         x = self.proj_out(modulate(self.norm_out(x), shift, scale))  # (B, L, pt*ph*pw*C)
@@ -309,23 +323,12 @@ class WanDiT(nn.Module):
         return x.reshape(B, C, T * pt, H * ph, W * pw)
 
 
-class DiTContextStage(nn.Module):
-    """The `dit_context` stage of `--text-kv` builds: ref_latent, motion -> ref_kv."""
-
-    def __init__(self, dit: WanDiT):
-        super().__init__()
-        self.dit = dit
-
-    def forward(self, ref_latent, motion):
-        return self.dit.reference_kv(ref_latent, motion)
-
-
-class DiTStepStage(nn.Module):
-    """The `dit` stage of `--text-kv` builds: latent, timestep, ref_kv -> velocity."""
-
-    def __init__(self, dit: WanDiT):
-        super().__init__()
-        self.dit = dit
-
-    def forward(self, latent, timestep, ref_kv):
-        return self.dit.step(latent, timestep, ref_kv)
+def stage_view(dit: WanDiT, method: str) -> WanDiT:
+    """`dit` exported through another of its methods: `reference_kv` (the `dit_context` stage of
+    `--text-kv` builds: ref_latent, motion -> ref_kv) or `step` (their `dit`: latent, timestep,
+    ref_kv -> velocity). A shallow copy sharing its modules and weights; not a wrapper module,
+    so the graph's module paths stay 'blocks.0.attn2...', the names the precision recipes
+    (engines/int8.py, engines/fp16.py) and --int8-float-layers match."""
+    view = copy.copy(dit)
+    view.forward = getattr(view, method)  # an instance attribute: nn.Module calls self.forward
+    return view

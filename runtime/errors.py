@@ -34,8 +34,30 @@ EXIT_USER_ERROR = 2
 ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
+# Signals the handler has seen. Its exception is lost when the signal lands inside a weakref
+# callback or a __del__ (Python prints "Exception ignored" and goes on: seen once in an export),
+# so the step loop and every output's commit ask `raise_if_terminated` as well.
+_received: list[int] = []
+
+
 def _terminate(signum, frame):
+    _received.append(signum)
     raise Terminated(signum)
+
+
+def raise_if_terminated() -> None:
+    """Raise Terminated for a SIGTERM/SIGHUP already received (see `_received`)."""
+    if _received:
+        raise Terminated(_received[0])
+
+
+def _quiet_lost_terminations(hook):
+    """sys.unraisablehook without the traceback of a Terminated that was lost (it is raised
+    again at the next check, and the run ends with its one line)."""
+    def unraisable(info):
+        if not isinstance(info.exc_value, Terminated):
+            hook(info)
+    return unraisable
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -64,6 +86,7 @@ def run_cli(command: click.Command, prog_name: str) -> Callable[[], None]:
         for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
             if sig is not None:
                 signal.signal(sig, _terminate)
+        sys.unraisablehook = _quiet_lost_terminations(sys.unraisablehook)
         try:
             command.main(prog_name=prog_name, standalone_mode=False)
         except click.exceptions.Exit as exc:  # --help, --version

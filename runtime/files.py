@@ -38,7 +38,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from runtime.errors import WanError
+from runtime.errors import WanError, raise_if_terminated
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,7 @@ def commit(partial: Path, target: Path, replace: bool, owned: Callable[[Path], s
     one moved in, and then the old one deleted, so the old survives any failure before that.
     Errors leave `partial` where it is; the caller removes it.
     """
+    raise_if_terminated()  # a stop whose exception was lost still writes nothing
     if not replace:
         try:
             rename_noreplace(partial, target)

@@ -174,6 +174,9 @@ class Manifest:
             unknown = used - set(SYMBOLS)
             if unknown:
                 raise Malformed(f"stages.{name}.spec uses unknown symbols {sorted(unknown)}")
+            b = _get(s["spec"], "batch", int, f"stages.{name}.spec", default=1)
+            if not 1 <= b <= symbols["B"].max:
+                raise Malformed(f"stages.{name}.spec.batch must be 1..{symbols['B'].max} (the B range), got {b}")
             arts = _get(s, "artifacts", dict, f"stages.{name}")
             stages[name] = Stage(spec, {p: _artifact(p, a, f"stages.{name}.artifacts.{p}")
                                         for p, a in arts.items()})

@@ -23,7 +23,7 @@ import numpy as np
 
 from runtime.backends import open_backend
 from runtime.cache import StepCache
-from runtime.errors import NonFiniteError, WanError
+from runtime.errors import NonFiniteError, WanError, raise_if_terminated
 from runtime.manifest import Manifest, load_manifest
 from runtime.request import whole
 from runtime.stages import STREAM_STAGE_NAMES
@@ -187,6 +187,7 @@ class Pipeline:
         # not as numpy's RuntimeWarning followed by a grey video.
         with np.errstate(over="ignore", invalid="ignore"):
             for i in range(steps):
+                raise_if_terminated()
                 t0 = time.perf_counter()
                 where = f"at step {i + 1} of {steps} (sigma {float(schedule.sigmas[i]):.4g})"
                 try:

@@ -91,11 +91,13 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class StageSpec:
-    """One exported graph: its named inputs and outputs."""
+    """One exported graph: its named inputs and outputs, and `batch`, the most items the runtime
+    sends it in one call (2 where CFG's two branches go together; a TensorRT profile's optimum)."""
 
     name: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    batch: int = 1
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         """ONNX-style dynamic axes: tensor name -> {axis: dimension expression}."""
@@ -170,12 +172,12 @@ class StageSpec:
 
     def to_dict(self) -> dict:
         return {"inputs": [t.to_dict() for t in self.inputs],
-                "outputs": [t.to_dict() for t in self.outputs]}
+                "outputs": [t.to_dict() for t in self.outputs], "batch": self.batch}
 
     @classmethod
     def from_dict(cls, name: str, d: dict) -> "StageSpec":
         return cls(name, tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
-                   tuple(TensorSpec.from_dict(t) for t in d["outputs"]))
+                   tuple(TensorSpec.from_dict(t) for t in d["outputs"]), d.get("batch", 1))
 
 
 @dataclass(frozen=True)
@@ -259,6 +261,7 @@ def stage_specs(geom: Geometry, text_kv: tuple[int, int] | None = None) -> dict[
             inputs=(TensorSpec("latent", latent), TensorSpec("timestep", (B,), value_range=(0.0, 1000.0)),
                     *reference),
             outputs=(TensorSpec("velocity", latent),),
+            batch=2,  # CFG's two branches in one call
         ),
         "vae_decoder": StageSpec(
             "vae_decoder",
@@ -273,8 +276,8 @@ def stage_specs(geom: Geometry, text_kv: tuple[int, int] | None = None) -> dict[
     ref_kv = TensorSpec("ref_kv", (B, Dim.fixed(2 * layers), Dim("F"), Dim("Hp"), Dim("Wp"), Dim.fixed(dim)))
     step = specs["dit"]
     return {"vae_encoder": specs["vae_encoder"],
-            CONTEXT_STAGE: StageSpec(CONTEXT_STAGE, reference, (ref_kv,)),
-            "dit": StageSpec("dit", (*step.inputs[:2], ref_kv), step.outputs),
+            CONTEXT_STAGE: StageSpec(CONTEXT_STAGE, reference, (ref_kv,), batch=step.batch),
+            "dit": StageSpec("dit", (*step.inputs[:2], ref_kv), step.outputs, batch=step.batch),
             "vae_decoder": specs["vae_decoder"]}
 
 

@@ -239,10 +239,12 @@ class ServerProcess:
             return r.read().decode()
 
     def _metrics_up(self) -> bool:
+        import http.client
+
         try:
             self.metrics()
             return True
-        except OSError:
+        except (OSError, http.client.HTTPException):  # not listening yet, or a half-started reply
             return False
 
     def start(self) -> "ServerProcess":

@@ -28,8 +28,13 @@ def test_bench_smoke(tiny_dir, exported, tmp_path):
     assert (tmp_path / "results.png").stat().st_size > 1000
 
 
-def test_bench_refuses_a_plain_build_as_kv(tiny_dir, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "bench", "--part", "small", "--preset", "tiny", "--out", tmp_path,
-                        "--artifacts", tiny_dir, "--kv-artifacts", tiny_dir], capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 2 and "was not built with --text-kv" in r.stderr, r.stderr[-2000:]
+def test_bench_refusals(tiny_dir, exported, tmp_path):
+    """Before anything is built or timed: one usage line each."""
+    base = [sys.executable, "-m", "bench", "--part", "small", "--preset", "tiny", "--out", tmp_path / "out"]
+    for extra, needle in ((["--kv-artifacts", tiny_dir], "was not built with --text-kv"),
+                          (["--kv-artifacts", tmp_path], "--kv-artifacts: "),
+                          (["--kv-artifacts", exported("full"), "--no-kv"], "contradict each other"),
+                          (["--artifacts", tmp_path / "none"], "does not exist")):
+        r = subprocess.run([*base, *extra], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr[-2000:])
+    assert not (tmp_path / "out").exists()

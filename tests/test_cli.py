@@ -234,6 +234,34 @@ def test_terminated_and_killed_runs_leave_nothing(tiny_dir, ref_png, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["frames"]
 
 
+def test_a_lost_termination_still_writes_nothing(monkeypatch, tmp_path):
+    """A SIGTERM whose exception Python swallowed (it landed in a weakref callback: "Exception
+    ignored", seen once in an export) is raised again at the output's commit, quietly."""
+    import gc
+    import sys
+    import weakref
+
+    from runtime import errors, files
+
+    monkeypatch.setattr(errors, "_received", [])
+    monkeypatch.setattr(sys, "unraisablehook", errors._quiet_lost_terminations(sys.unraisablehook))
+    shown = []
+    monkeypatch.setattr(sys, "stderr", type("Err", (), {"write": shown.append, "flush": lambda self: None})())
+
+    class Thing:
+        pass
+
+    thing = Thing()
+    ref = weakref.ref(thing, lambda r: errors._terminate(signal.SIGTERM, None))  # noqa: F841
+    del thing
+    gc.collect()
+    partial = tmp_path / "partial"
+    partial.write_text("frames")
+    with pytest.raises(errors.Terminated):
+        files.commit(partial, tmp_path / "out", False, lambda p: None, "output", "")
+    assert not (tmp_path / "out").exists() and shown == []
+
+
 # --- the environment: disk, memory, permissions ------------------------------------------------
 
 

@@ -157,6 +157,8 @@ MALFORMED = {
     "mean too short": (lambda d: d["latent"].update(mean=[0.0]), "entries"),
     "stage spec garbage": (lambda d: d["stages"]["dit"].update(spec={"inputs": 3}), "not a stage spec"),
     "unknown symbol": (lambda d: d["stages"]["dit"]["spec"]["inputs"][0].update(dims=["B", "Q"]), "unknown symbols"),
+    "batch 0": (lambda d: d["stages"]["dit"]["spec"].update(batch=0), r"spec.batch must be 1\.\.8"),
+    "batch a string": (lambda d: d["stages"]["dit"]["spec"].update(batch="2"), "batch must be a whole"),
     "artifact path a number": (lambda d: d["stages"]["dit"]["artifacts"]["fp32"].update(path=3), "path must be a string"),
 }
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from export.config import PRESETS
-from runtime.stages import Dim, stage_specs
+from runtime.stages import Dim, StageSpec, stage_specs
 
 
 @pytest.mark.parametrize("text", ["3", "F", "2*Hp", "4*F-3", "16*Wp", "B"])
@@ -31,6 +31,16 @@ def test_specs_follow_geometry():
     assert specs["dit"].inputs[2].shape(env) == (1, 16, 1, 16, 12)
     assert specs["vae_decoder"].outputs[0].shape(env) == (1, 3, 17, 128, 96)
     assert specs["vae_encoder"].dynamic_axes()["video"] == {0: "B", 2: "4*F-3", 3: "16*Hp", 4: "16*Wp"}
+
+
+def test_batch_is_what_the_runtime_sends():
+    """`batch` (the engines' profile): both CFG branches go to the DiT (and its context) together."""
+    specs = stage_specs(PRESETS["tiny"].geometry, text_kv=(2, 32))
+    assert {n: s.batch for n, s in specs.items()} == {"vae_encoder": 1, "dit_context": 2, "dit": 2, "vae_decoder": 1}
+    d = specs["dit"].to_dict()
+    assert StageSpec.from_dict("dit", d) == specs["dit"]
+    del d["batch"]  # a manifest written before the field: one item a call
+    assert StageSpec.from_dict("dit", d).batch == 1
 
 
 def test_bind_checks_consistency():

@@ -5,9 +5,11 @@ computed once per video by the `dit_context` stage. The build is the tiny full-a
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
+from engines import fp16, graph, int8
 from engines.tensorrt import build_engine, symbol_profile
 from export.weights import build_models
 from runtime import Pipeline
@@ -34,6 +36,18 @@ def test_the_step_takes_the_context_stages_output(kv_dir):
     assert m.stages["dit_context"].artifacts["int8"].path == m.stages["dit_context"].artifacts["fp32"].path
     assert m.stages["dit"].artifacts["int8"].details["quantized_nodes"] > 0
     assert m.quality["int8"]["psnr_db"] >= 30
+
+
+def test_the_step_graph_keeps_the_dit_module_paths(kv_dir):
+    """The precision recipes name DiT layers by module path ('blocks.*.attn2', 'proj_out'), and
+    so do users (--int8-float-layers): a --text-kv step graph carries the plain DiT's paths, so
+    every default pattern finds its layers and int8 keeps them float."""
+    m = load_manifest(kv_dir)
+    step = onnx.load(str(kv_dir / m.stages["dit"].artifacts["fp32"].path), load_external_data=False)
+    for pattern in (*int8.DEFAULT_FLOAT_LAYERS["dit"], *fp16.ALWAYS_FP32):
+        assert graph.nodes_matching(step, [pattern], op_types=[*int8.QUANT_OPS, *fp16.FP16_OPS]), pattern
+    kept = m.stages["dit"].artifacts["int8"].details["float_nodes"]
+    assert set(kept) == set(graph.nodes_matching(step, list(int8.DEFAULT_FLOAT_LAYERS["dit"]), int8.QUANT_OPS))
 
 
 @pytest.mark.parametrize("frames,height,width", [(5, 48, 80), (13, 64, 32)])
@@ -81,7 +95,7 @@ def test_text_kv_stages_build_engines(kv_dir, tmp_path):
     them needs a GPU: test_precision.py's GPU test runs the plain build's engines)."""
     m = load_manifest(kv_dir)
     for name, precision in (("dit_context", "fp32"), ("dit", "int8")):
-        symbols = symbol_profile(ENGINE_SHAPES, m.geometry, name, m.symbols)
+        symbols = symbol_profile(ENGINE_SHAPES, m.geometry, m.stages[name].spec.batch, m.symbols)
         plan = tmp_path / f"{name}.plan"
         record = build_engine(kv_dir / m.stages[name].artifacts[precision].path, plan, m.stages[name].spec,
                               symbols, ENGINE_SHAPES, tmp_path / "timing.cache")

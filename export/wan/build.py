@@ -140,11 +140,12 @@ def build_wan_artifacts(model_dir: str | Path, out: str | Path, force: bool = Fa
     sampler, video, release = defaults(ckpt)
     symbols = symbol_ranges(ckpt, video)
     geom = wan_geometry(ckpt.vae)
-    stage_names = wan_stages(ckpt, text_kv=text_kv).names()
+    planned = wan_stages(ckpt, text_kv=text_kv)
+    stage_names = planned.names()
     if engines is not None:
         resolve_flavour(engines.flavour)
-        for name in stage_names:
-            symbol_profile(engines, geom, name, symbols)
+        for spec in planned.specs().values():  # without the VAE caches' stages (batch 1, as vae_encoder)
+            symbol_profile(engines, geom, spec.batch, symbols)
     log.info("%s: %s (%s%s%s)", ckpt.root, ckpt.pipeline, ckpt.version,
              ", two experts" if len(ckpt.experts) == 2 else "", f", {release}" if release else "")
     with ArtifactWriter(out, force) as writer:

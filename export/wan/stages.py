@@ -376,6 +376,7 @@ class WanStages:
                 inputs=(TensorSpec("ids", (B, text.dims[1]), "int64", value_range=(0, 32)),
                         TensorSpec("mask", (B, text.dims[1]), "int64", value_range=(0, 2))),
                 outputs=(text,),
+                batch=2,  # the prompt and the negative prompt
             ),
         }
         if self.clip:
@@ -392,9 +393,9 @@ class WanStages:
                   for t in context}  # (B, 2 * layers, S, dim): k, v of each block
             dit_inputs = [kv.get(t.name, t) for t in dit_inputs]
         for name in self.dits:
-            specs[name] = StageSpec(name, tuple(dit_inputs), (TensorSpec("velocity", latent),))
+            specs[name] = StageSpec(name, tuple(dit_inputs), (TensorSpec("velocity", latent),), batch=2)  # CFG
             if self.text_kv:
-                specs[f"{name}_context"] = StageSpec(f"{name}_context", tuple(context), tuple(kv.values()))
+                specs[f"{name}_context"] = StageSpec(f"{name}_context", tuple(context), tuple(kv.values()), batch=2)
         if self.condition == "first_frame":
             specs["vae_encoder"] = StageSpec(
                 "vae_encoder",
