@@ -397,7 +397,7 @@ def main(part, preset, out, artifacts, kv_artifacts, kv, runs, wan_runs, compile
             if kv and kv_artifacts is None:
                 kv_artifacts = Path(tmp) / f"{preset}-kv"
                 build_artifacts(cfg, kv_artifacts, text_kv=True)
-            records += run(cfg, artifacts, runs, compile_, frames, peak, kv_artifacts if kv else None)
+            records += run(cfg, artifacts, runs, compile_, frames, peak, kv_artifacts)  # None with --no-kv
     if part in ("all", "wan"):
         from tqdm import tqdm
 

@@ -78,8 +78,8 @@ def build_artifacts(cfg: ModelConfig, out: str | Path, checkpoint: str | Path | 
     precisions = tuple(p for p in PRECISIONS if p in precisions or p == "fp32")  # fp32 is the base
     if engines is not None:
         resolve_flavour(engines.flavour)  # fail before the slow work
-        for spec in stage_specs(cfg.geometry, kv_dims(cfg, text_kv)).values():  # the stream stages: batch 1 too
-            symbol_profile(engines, cfg.geometry, spec.batch, cfg.symbol_ranges())
+        for batch in {s.batch for s in stage_specs(cfg.geometry, kv_dims(cfg, text_kv)).values()}:
+            symbol_profile(engines, cfg.geometry, batch, cfg.symbol_ranges())  # only the batch differs
     with ArtifactWriter(out, force) as writer:  # checks `out` before any slow work
         vae, dit = build_models(cfg, checkpoint)
         stages = export_fp32(cfg, vae, dit, writer, opset, text_kv)

@@ -220,16 +220,18 @@ class ServerProcess:
     def grpc_url(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
-    def http(self, path: str) -> tuple[int, str]:
+    def http(self, path: str, port: int | None = None) -> tuple[int, str]:
+        """(status, body) of a GET on the HTTP port (or `port`); status 0 when nothing answers."""
+        import http.client
         import urllib.error
         import urllib.request
 
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=5) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port or self.http_port}{path}", timeout=5) as r:
                 return r.status, r.read().decode()
         except urllib.error.HTTPError as exc:
             return exc.code, ""
-        except OSError:
+        except (OSError, http.client.HTTPException):  # not listening yet, or a half-started reply
             return 0, ""
 
     def metrics(self) -> str:
@@ -237,15 +239,6 @@ class ServerProcess:
 
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
             return r.read().decode()
-
-    def _metrics_up(self) -> bool:
-        import http.client
-
-        try:
-            self.metrics()
-            return True
-        except (OSError, http.client.HTTPException):  # not listening yet, or a half-started reply
-            return False
 
     def start(self) -> "ServerProcess":
         import time
@@ -265,7 +258,7 @@ class ServerProcess:
                 raise WanError(f"wan-serve start exited with code {self.proc.returncode}; log: {self.log_path}")
             # Triton opens its metrics port after the HTTP one: a ready answer alone left a window
             # (seen on a loaded CI host) in which /metrics still refused the connection.
-            if self.http("/v2/health/ready")[0] == 200 and self._metrics_up():
+            if self.http("/v2/health/ready")[0] == 200 and self.http("/metrics", self.metrics_port)[0] == 200:
                 return self
             time.sleep(0.25)
         self.stop()

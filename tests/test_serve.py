@@ -68,6 +68,12 @@ def remote_frames(url: str, opts: Options, on_step=None) -> np.ndarray:
         job.close()
 
 
+def metric(server, name: str, model: str) -> float:
+    """A Triton counter of one model, read from the metrics endpoint (0 before its first request)."""
+    return sum(float(x.split()[-1]) for x in server.metrics().splitlines()
+               if x.startswith(name + "{") and f'model="{model}"' in x)
+
+
 def remote_error(url: str, opts: Options) -> str:
     with pytest.raises(WanError) as info:
         remote_frames(url, opts)
@@ -280,8 +286,7 @@ def test_concurrent_clients(server, local_pipe, ref_png):
     expected = {s: local_frames(local_pipe, Options(image=str(ref_png), steps=STEPS, seed=s)) for s in seeds}
 
     def counts():
-        lines = [x for x in server.metrics().splitlines() if x.startswith('nv_inference_') and 'model="dit"' in x]
-        return {x.split("{")[0]: float(x.split()[-1]) for x in lines}
+        return {k: metric(server, k, "dit") for k in ("nv_inference_request_success", "nv_inference_exec_count")}
 
     before = counts()
     results, failures = {}, []
@@ -318,9 +323,7 @@ def test_aborted_requests_do_not_wedge_or_leak(server, local_pipe, ref_png):
     long = Options(image=str(ref_png), steps=400)
 
     def dit_requests():
-        for line in server.metrics().splitlines():
-            if line.startswith("nv_inference_request_success") and 'model="dit"' in line:
-                return float(line.split()[-1])
+        return metric(server, "nv_inference_request_success", "dit")
 
     class Gone(Exception):
         pass
@@ -402,14 +405,10 @@ def test_text_kv_build_through_the_server(triton, exported, ref_png, tmp_path):
     opts = Options(image=str(ref_png), steps=STEPS, seed=4, move="0.2,0.1")
     expected = local_frames(Pipeline.from_dir(artifacts, precision="int8"), opts)
     server = triton(repo, name="seed-kv")
-
-    def requests(model):
-        return sum(float(x.split()[-1]) for x in server.metrics().splitlines()
-                   if x.startswith("nv_inference_request_success") and f'model="{model}"' in x)
-
     try:
         np.testing.assert_array_equal(remote_frames(server.grpc_url, opts), expected)
-        assert (requests("dit_context"), requests("dit")) == (1, STEPS)
+        calls = [metric(server, "nv_inference_request_success", m) for m in ("dit_context", "dit")]
+        assert calls == [1, STEPS]
     finally:
         server.stop()
 

@@ -144,8 +144,8 @@ def build_wan_artifacts(model_dir: str | Path, out: str | Path, force: bool = Fa
     stage_names = planned.names()
     if engines is not None:
         resolve_flavour(engines.flavour)
-        for spec in planned.specs().values():  # without the VAE caches' stages (batch 1, as vae_encoder)
-            symbol_profile(engines, geom, spec.batch, symbols)
+        for batch in {s.batch for s in planned.specs().values()}:  # (the VAE caches' stages: batch 1)
+            symbol_profile(engines, geom, batch, symbols)  # only the batch differs between stages
     log.info("%s: %s (%s%s%s)", ckpt.root, ckpt.pipeline, ckpt.version,
              ", two experts" if len(ckpt.experts) == 2 else "", f", {release}" if release else "")
     with ArtifactWriter(out, force) as writer:
